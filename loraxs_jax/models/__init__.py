@@ -1,0 +1,1 @@
+"""Our Flax implementations of the paper's model families, and loaders for real checkpoints."""
