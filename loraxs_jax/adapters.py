@@ -1,0 +1,271 @@
+"""Adapter files that hold R alone, base fingerprints, and a per-base cache of the bases.
+
+An adapter is one safetensors file: a tensor per adapted kernel, named by the kernel's path plus
+``_loraxs_R`` (r×r each, so the file is r² × matrices × itemsize plus a small JSON header), and
+in the header's ``__metadata__``: the LoraXSConfig, the library version, the fingerprint of the
+base kernels and the list of adapted kernels. A, B are recomputed from the base at load time
+(the config, including ``bases_seed``, determines them), or read from the bases cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from loraxs_jax.config import LoraXSConfig
+from loraxs_jax.models.checkpoint import SafetensorsFile
+from loraxs_jax.transform import (
+    Target,
+    _unbox,
+    adapter_key,
+    apply,
+    compute_bases,
+    find_targets,
+    flatten,
+    leaf_role,
+    path_str,
+)
+
+FORMAT = "loraxs-jax/adapter-v1"
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+              np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float64): "F64"}
+_SAMPLE = 1024
+
+
+def _version() -> str:
+    from loraxs_jax import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------- atomic files
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it: a crash leaves
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """Serialise to the safetensors format (any float dtype, bf16 included, without torch)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        if arr.dtype not in _ST_DTYPES:
+            raise ValueError(f"cannot store {name} of dtype {arr.dtype}")
+        raw = arr.tobytes()
+        header[name] = {"dtype": _ST_DTYPES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+
+
+def _adapter_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def _sample(w: jax.Array) -> jax.Array:
+    flat = jnp.ravel(w)
+    stride = max(1, flat.shape[0] // _SAMPLE)
+    return flat[::stride][:_SAMPLE].astype(jnp.float32)
+
+
+def fingerprint(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | None = None) -> str:
+    """A hash of the targeted base kernels: their paths, shapes and 1,024 evenly strided values
+    each (as float32). It tells one base model from another (different checkpoints, a fine-tuned
+    copy, a different architecture) at the cost of a tiny device→host transfer, also for sharded
+    7B models; it does not see a change confined to unsampled entries.
+    """
+    targets = find_targets(params, cfg) if targets is None else targets
+    flat = flatten(params)
+    samples = jax.device_get([_sample(jnp.asarray(_unbox(flat[t.path]))) for t in targets])
+    h = hashlib.sha256()
+    for t, s in sorted(zip(targets, samples), key=lambda x: x[0].name):
+        h.update(f"{t.name}:{t.shape}".encode())
+        h.update(np.asarray(s, np.float32).tobytes())
+    return h.hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------- adapters
+def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
+                 dtype: Any = None, include_extras: bool = True,
+                 base_fingerprint: str | None = None) -> Path:
+    """Write the R's of an adapted tree (and, with ``include_extras``, the leaves matching
+    ``cfg.trainable``, e.g. a task head) to ``path`` (``.safetensors`` appended if missing).
+
+    Args:
+      path: file to write, atomically.
+      params: the adapted (unmerged) tree; its base kernels are fingerprinted.
+      cfg: the config used in ``apply``.
+      dtype: store R in this dtype (e.g. jnp.bfloat16 halves the file); default R's own dtype.
+      include_extras: also store the ``cfg.trainable`` leaves.
+      base_fingerprint: skip fingerprinting if you already have it.
+    Returns: the path written.
+    """
+    flat = flatten(params)
+    tensors: dict[str, np.ndarray] = {}
+    adapted = []
+    for p, v in flat.items():
+        role = leaf_role(p[-1])
+        if role and role[1] == "R":
+            tensors[path_str(p)] = np.asarray(jax.device_get(_unbox(v)),
+                                              dtype=dtype or _unbox(v).dtype)
+            adapted.append(path_str((*p[:-1], role[0])))
+        elif include_extras and not role and cfg.trainable and cfg.is_extra_trainable(path_str(p)):
+            tensors[path_str(p)] = np.asarray(jax.device_get(_unbox(v)))
+    if not adapted:
+        raise ValueError("no *_loraxs_R leaves in these params: nothing to save "
+                         "(save the tree returned by loraxs_jax.apply, not a merged one)")
+    base = {p: v for p, v in flat.items() if not leaf_role(p[-1])}
+    targets = find_targets(_plain(base), cfg)
+    found = sorted(t.name for t in targets)
+    if found != sorted(adapted):
+        raise ValueError(f"cfg does not describe these params: it targets {found[:4]}..., the "
+                         f"params are adapted at {sorted(adapted)[:4]}...")
+    meta = {
+        "format": FORMAT,
+        "loraxs_jax_version": _version(),
+        "config": cfg.to_json(),
+        "base_fingerprint": base_fingerprint or fingerprint(_plain(base), cfg, targets),
+        "adapted": json.dumps(sorted(adapted)),
+    }
+    out = _adapter_path(path)
+    atomic_write(out, safetensors_bytes(tensors, meta))
+    return out
+
+
+def _plain(flat: Mapping[tuple, Any]) -> dict:
+    from loraxs_jax.transform import unflatten
+
+    return unflatten(flat, {})
+
+
+def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of an adapter file: config (LoraXSConfig), version, fingerprint, adapted
+    kernels, tensor names, and its size in bytes."""
+    p = _adapter_path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no adapter file at {p}")
+    f = SafetensorsFile(p)
+    if f.metadata.get("format") != FORMAT:
+        raise ValueError(f"{p} is not a loraxs-jax adapter (format={f.metadata.get('format')!r})")
+    return {
+        "config": LoraXSConfig.from_dict(json.loads(f.metadata["config"])),
+        "version": f.metadata.get("loraxs_jax_version"),
+        "base_fingerprint": f.metadata["base_fingerprint"],
+        "adapted": json.loads(f.metadata["adapted"]),
+        "tensors": f.keys(),
+        "bytes": p.stat().st_size,
+    }
+
+
+def _config_diff(a: LoraXSConfig, b: LoraXSConfig) -> dict[str, tuple]:
+    da, db = a.to_dict(), b.to_dict()
+    return {k: (da[k], db[k]) for k in da if k not in ("r_std", "svd_batch") and da[k] != db[k]}
+
+
+def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfig | None = None,
+                 *, bases_cache: str | os.PathLike | None = None,
+                 check_base: bool = True) -> Mapping:
+    """Rebuild the adapted tree: ``apply`` the stored config to ``base_params`` (A, B recomputed,
+    or read from ``bases_cache``) and put the stored R's (and extras) in place.
+
+    Raises a ValueError naming the difference when the base's fingerprint is not the one the
+    adapter was trained on (pass ``check_base=False`` to override, e.g. after a dtype cast), when
+    ``cfg`` is given and differs from the stored config, or when tensors are missing or
+    mis-shaped.
+    """
+    info = adapter_info(path)
+    stored: LoraXSConfig = info["config"]
+    if cfg is not None:
+        diff = _config_diff(stored, cfg)
+        if diff:
+            raise ValueError(f"adapter {path} was made with a different config: "
+                             + "; ".join(f"{k}: file {v[0]!r} vs given {v[1]!r}"
+                                         for k, v in diff.items()))
+    targets = find_targets(base_params, stored)
+    names = sorted(t.name for t in targets)
+    if names != sorted(info["adapted"]):
+        missing = sorted(set(info["adapted"]) - set(names))
+        extra = sorted(set(names) - set(info["adapted"]))
+        raise ValueError(f"adapter {path} does not fit these params: adapted kernels absent "
+                         f"here {missing[:5]}, targets here not in the adapter {extra[:5]}")
+    fp = fingerprint(base_params, stored, targets)
+    if check_base and fp != info["base_fingerprint"]:
+        raise ValueError(f"adapter {path} was trained on a different base model (fingerprint "
+                         f"{info['base_fingerprint']} vs {fp} for these params). Load the base it "
+                         "was made for, or pass check_base=False if the difference is intended.")
+    bases = cached_bases(base_params, stored, bases_cache, fp, targets) if bases_cache else None
+    adapted = apply(base_params, stored, 0, bases=bases)
+    f = SafetensorsFile(_adapter_path(path))
+    new = dict(flatten(adapted))
+    paths = {path_str(p): p for p in new}
+    for name in f.keys():
+        if name not in paths:
+            raise ValueError(f"adapter tensor {name} has no place in these params")
+        p = paths[name]
+        old = _unbox(new[p])
+        value = f.get(name)
+        if tuple(value.shape) != tuple(old.shape):
+            raise ValueError(f"adapter tensor {name} has shape {value.shape}, params expect "
+                             f"{tuple(old.shape)}")
+        arr = jnp.asarray(value, dtype=old.dtype)
+        sharding = getattr(old, "sharding", None)
+        new[p] = jax.device_put(arr, sharding) if sharding is not None else arr
+    from loraxs_jax.transform import unflatten
+
+    return unflatten(new, adapted)
+
+
+# ----------------------------------------------------------------------------- bases cache
+def cached_bases(base_params: Mapping, cfg: LoraXSConfig, cache_dir: str | os.PathLike,
+                 fp: str | None = None, targets: list[Target] | None = None
+                 ) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{kernel path: (A, B)} for ``cfg`` on this base, computed once and kept in ``cache_dir``
+    (one safetensors file per base fingerprint and bases-relevant config), so a hundred adapters
+    on one base pay for the SVDs once. Pass the result to ``apply(..., bases=...)``."""
+    targets = find_targets(base_params, cfg) if targets is None else targets
+    fp = fp or fingerprint(base_params, cfg, targets)
+    key = hashlib.sha256((fp + json.dumps(cfg.bases_dict(), sort_keys=True)).encode())
+    file = Path(cache_dir) / f"bases-{key.hexdigest()[:24]}.safetensors"
+    if file.exists():
+        f = SafetensorsFile(file)
+        return {t.name: (jnp.asarray(f.get(adapter_key(t.name, "A"))),
+                         jnp.asarray(f.get(adapter_key(t.name, "B")))) for t in targets}
+    bases = compute_bases(base_params, cfg, targets)
+    tensors = {}
+    for name, (a, b) in bases.items():
+        tensors[adapter_key(name, "A")] = np.asarray(jax.device_get(a))
+        tensors[adapter_key(name, "B")] = np.asarray(jax.device_get(b))
+    atomic_write(file, safetensors_bytes(tensors, {"format": "loraxs-jax/bases-v1",
+                                                  "base_fingerprint": fp,
+                                                  "bases_config": json.dumps(cfg.bases_dict())}))
+    return bases
