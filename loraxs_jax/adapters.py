@@ -1,10 +1,13 @@
 """Adapter files that hold R alone, base fingerprints, and a per-base cache of the bases.
 
-An adapter is one safetensors file: a tensor per adapted kernel, named by the kernel's path plus
-``_loraxs_R`` (r×r each, so the file is r² × matrices × itemsize plus a small JSON header), and
-in the header's ``__metadata__``: the LoraXSConfig, the library version, the fingerprint of the
-base kernels and the list of adapted kernels. A, B are recomputed from the base at load time
-(the config, including ``bases_seed``, determines them), or read from the bases cache.
+An adapter is one safetensors file. The R's of all adapted matrices of rank r are stacked into
+one tensor ``loraxs_R/r<r>`` of shape (matrices, r, r), so the file is r² × matrices × itemsize
+plus a small JSON header; the header's ``__metadata__`` holds the LoraXSConfig, the library
+version, the fingerprint of the base kernels and, per rank, the kernel paths in row order (a
+stacked kernel, e.g. nn.scan layers, contributes one row per matrix). Extra trainable leaves
+(``cfg.trainable``, e.g. a task head) are stored under their own paths. A, B are recomputed
+from the base at load time (the config, including ``bases_seed``, determines them), or read
+from the bases cache.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ FORMAT = "loraxs-jax/adapter-v1"
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
               np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float64): "F64"}
 _SAMPLE = 1024
+_R = "loraxs_R/r"
 
 
 def _version() -> str:
@@ -132,30 +136,35 @@ def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
     """
     flat = flatten(params)
     tensors: dict[str, np.ndarray] = {}
-    adapted = []
+    rows: dict[int, list[np.ndarray]] = {}
+    adapted: dict[int, list[str]] = {}
     for p, v in flat.items():
         role = leaf_role(p[-1])
         if role and role[1] == "R":
-            tensors[path_str(p)] = np.asarray(jax.device_get(_unbox(v)),
-                                              dtype=dtype or _unbox(v).dtype)
-            adapted.append(path_str((*p[:-1], role[0])))
+            r = np.asarray(jax.device_get(_unbox(v)), dtype=dtype or _unbox(v).dtype)
+            rank = r.shape[-1]
+            rows.setdefault(rank, []).append(r.reshape(-1, rank, rank))
+            adapted.setdefault(rank, []).append(path_str((*p[:-1], role[0])))
         elif include_extras and not role and cfg.trainable and cfg.is_extra_trainable(path_str(p)):
             tensors[path_str(p)] = np.asarray(jax.device_get(_unbox(v)))
     if not adapted:
         raise ValueError("no *_loraxs_R leaves in these params: nothing to save "
                          "(save the tree returned by loraxs_jax.apply, not a merged one)")
+    for rank, rs in rows.items():
+        tensors[f"{_R}{rank}"] = np.concatenate(rs)
     base = {p: v for p, v in flat.items() if not leaf_role(p[-1])}
     targets = find_targets(_plain(base), cfg)
     found = sorted(t.name for t in targets)
-    if found != sorted(adapted):
+    names = sorted(n for ns in adapted.values() for n in ns)
+    if found != names:
         raise ValueError(f"cfg does not describe these params: it targets {found[:4]}..., the "
-                         f"params are adapted at {sorted(adapted)[:4]}...")
+                         f"params are adapted at {names[:4]}...")
     meta = {
         "format": FORMAT,
         "loraxs_jax_version": _version(),
-        "config": cfg.to_json(),
+        "config": json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":")),
         "base_fingerprint": base_fingerprint or fingerprint(_plain(base), cfg, targets),
-        "adapted": json.dumps(sorted(adapted)),
+        "adapted": json.dumps({str(k): v for k, v in adapted.items()}, separators=(",", ":")),
     }
     out = _adapter_path(path)
     atomic_write(out, safetensors_bytes(tensors, meta))
@@ -181,7 +190,7 @@ def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
         "config": LoraXSConfig.from_dict(json.loads(f.metadata["config"])),
         "version": f.metadata.get("loraxs_jax_version"),
         "base_fingerprint": f.metadata["base_fingerprint"],
-        "adapted": json.loads(f.metadata["adapted"]),
+        "adapted": {int(k): v for k, v in json.loads(f.metadata["adapted"]).items()},
         "tensors": f.keys(),
         "bytes": p.stat().st_size,
     }
@@ -213,9 +222,10 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
                                          for k, v in diff.items()))
     targets = find_targets(base_params, stored)
     names = sorted(t.name for t in targets)
-    if names != sorted(info["adapted"]):
-        missing = sorted(set(info["adapted"]) - set(names))
-        extra = sorted(set(names) - set(info["adapted"]))
+    in_file = sorted(n for ns in info["adapted"].values() for n in ns)
+    if names != in_file:
+        missing = sorted(set(in_file) - set(names))
+        extra = sorted(set(names) - set(in_file))
         raise ValueError(f"adapter {path} does not fit these params: adapted kernels absent "
                          f"here {missing[:5]}, targets here not in the adapter {extra[:5]}")
     fp = fingerprint(base_params, stored, targets)
@@ -228,12 +238,26 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
     f = SafetensorsFile(_adapter_path(path))
     new = dict(flatten(adapted))
     paths = {path_str(p): p for p in new}
+    values: dict[str, np.ndarray] = {}
+    for rank, kernels in info["adapted"].items():
+        stacked = f.get(f"{_R}{rank}")
+        i = 0
+        for name in kernels:
+            leaf = _unbox(new[paths[adapter_key(name, "R")]])
+            n = int(np.prod(leaf.shape[:-2]))
+            if stacked.shape[1:] != (rank, rank) or i + n > stacked.shape[0]:
+                raise ValueError(f"adapter {path}: {_R}{rank} of shape {stacked.shape} does not "
+                                 f"hold R for {name} (expected {leaf.shape})")
+            values[adapter_key(name, "R")] = stacked[i:i + n].reshape(leaf.shape)
+            i += n
     for name in f.keys():
-        if name not in paths:
-            raise ValueError(f"adapter tensor {name} has no place in these params")
+        if not name.startswith(_R):
+            if name not in paths:
+                raise ValueError(f"adapter tensor {name} has no place in these params")
+            values[name] = f.get(name)
+    for name, value in values.items():
         p = paths[name]
         old = _unbox(new[p])
-        value = f.get(name)
         if tuple(value.shape) != tuple(old.shape):
             raise ValueError(f"adapter tensor {name} has shape {value.shape}, params expect "
                              f"{tuple(old.shape)}")

@@ -121,13 +121,9 @@ def _swap_class(obj: nnx.Module, cls: type, drop: Sequence[str] = ()) -> nnx.Mod
     """A new module of ``cls`` sharing ``obj``'s variables (no array is copied)."""
     new = object.__new__(cls)
     for k, v in vars(obj).items():
-        if k not in drop:
-            object.__setattr__(new, k, v)
-    nodes = getattr(obj, "_pytree__nodes", None)
-    if nodes is not None:
-        object.__setattr__(new, "_pytree__nodes", type(nodes)(
-            n for n in nodes if n not in drop) if not isinstance(nodes, dict) else
-            {k: v for k, v in nodes.items() if k not in drop})
+        object.__setattr__(new, k, v)
+    for k in drop:
+        delattr(new, k)
     return new
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from loraxs_jax.transform import ROLES, adapted_kernels, adapter_key, flatten, path_str, unflatten
+from loraxs_jax.transform import adapted_kernels, flatten, leaf_role, path_str, unflatten
 
 
 def delta_weight(a: jax.Array, r: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
@@ -32,24 +31,13 @@ def _unmerged_kernel(w, a, r, b, scale):
     return (w.astype(jnp.float32) - delta_weight(a, r, b, scale)).astype(w.dtype)
 
 
-def _merge_flat(keyed: dict) -> dict:
-    flat = _unkeyed(keyed)
-    out = dict(flat)
-    for base_path, d in adapted_kernels(unflatten(flat, {})).items():
-        if "kernel" not in d:
-            raise ValueError(f"{path_str(base_path)}: LoRA-XS leaves without their kernel")
-        out[base_path] = merged_kernel(d["kernel"], d["A"], d["R"], d["B"], d["scale"])
-        for role in ROLES:
-            del out[(*base_path[:-1], adapter_key(str(base_path[-1]), role))]
-    return _keyed(out)
+def _merged_kernels(kernels: dict, adapters: dict) -> dict:
+    return {k: merged_kernel(w, *(adapters[k][r] for r in ("A", "R", "B", "scale")))
+            for k, w in kernels.items()}
 
 
-@partial(jax.jit, donate_argnums=0)
-def _merge_donated(flat):
-    return _merge_flat(flat)
-
-
-_merge_kept = jax.jit(_merge_flat)
+_merge_donated = jax.jit(_merged_kernels, donate_argnums=0)
+_merge_kept = jax.jit(_merged_kernels)
 
 
 def _keyed(flat: dict) -> dict:
@@ -66,14 +54,22 @@ def merge(params: Mapping, donate: bool = False) -> Mapping:
     replaced by W + (α/r)·A·R·B (float32 accumulation, cast to W's dtype) and the LoRA-XS leaves
     removed. The merged model runs with zero extra latency.
 
-    Jitted as one program over the whole tree; shardings of the inputs carry over to the merged
-    kernels. ``donate=True`` donates the input buffers so kernels are updated in place (the input
-    tree must not be used afterwards): use it when memory is tight, e.g. merging a 7B model.
+    Jitted as one program over all adapted kernels; shardings of the inputs carry over to the
+    merged kernels. ``donate=True`` donates the kernels' buffers so they are updated in place
+    (the input tree must not be used afterwards): use it when memory is tight, e.g. a 7B model.
     """
-    if not adapted_kernels(params):
+    found = adapted_kernels(params)
+    if not found:
         raise ValueError("no LoRA-XS leaves (*_loraxs_R) in these params: nothing to merge")
+    missing = [path_str(p) for p, d in found.items() if "kernel" not in d]
+    if missing:
+        raise ValueError(f"LoRA-XS leaves without their kernel: {missing[:5]}")
+    kernels = _keyed({p: d.pop("kernel") for p, d in found.items()})
+    adapters = _keyed(found)
     fn = _merge_donated if donate else _merge_kept
-    return unflatten(_unkeyed(fn(_keyed(flatten(params)))), params)
+    out = {p: v for p, v in flatten(params).items() if not leaf_role(p[-1])}
+    out.update(_unkeyed(fn(kernels, adapters)))
+    return unflatten(out, params)
 
 
 @jax.jit

@@ -207,7 +207,7 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
     for (m, n, r), ts in groups.items():
         mats, keys, owners = [], [], []
         for t in ts:
-            w = jnp.asarray(_unbox(flat[t.path])).reshape((t.count, m, n))
+            w = _gathered(jnp.asarray(_unbox(flat[t.path]))).reshape((t.count, m, n))
             k = path_key(base_key, t.name)
             for i in range(t.count):
                 mats.append(w[i])
@@ -228,6 +228,17 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
             out[t.name] = (a, b)
             i += t.count
     return out
+
+
+def _gathered(w: jax.Array) -> jax.Array:
+    """One kernel, replicated: LAPACK-style SVDs need whole matrices. The bases are placed back
+    on the kernel's sharding afterwards (``_place_like``), so only one group of matrices is ever
+    gathered at a time."""
+    sharding = getattr(w, "sharding", None)
+    if isinstance(w, jax.core.Tracer) or not isinstance(sharding, jax.sharding.NamedSharding):
+        return w
+    return jax.device_put(w, jax.sharding.NamedSharding(sharding.mesh,
+                                                        jax.sharding.PartitionSpec()))
 
 
 _bases_jit = jax.jit(_bases_for_matrices, static_argnums=(2, 3))
