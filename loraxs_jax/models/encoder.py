@@ -563,7 +563,8 @@ def load_encoder(
       sharding: maps a param path to the Sharding it is placed with; None: default device.
       rng: key for head params the checkpoint lacks; default ``jax.random.key(0)``.
       fresh_head: initialise ``classifier/*`` afresh even if the checkpoint has one (e.g. an
-        MNLI-tuned checkpoint, 3 labels, as the start for RTE, 2 labels).
+        MNLI-tuned checkpoint, 3 labels, as the start for RTE, 2 labels). Always so for
+        head="mean": a checkpoint's classifier was trained on the [CLS] pooler, not the mean.
       **options: other ``EncoderConfig`` fields (scan_layers, remat, dropouts, ...).
 
     Returns:
@@ -585,6 +586,7 @@ def load_encoder(
     # Plan on the unscanned layout (one tensor per path); stack afterwards if scanning.
     flat_config = dataclasses.replace(config, scan_layers=False)
     expected = _flatten(nn.meta.unbox(_abstract_init(flat_config)))
+    fresh_head = fresh_head or config.head == "mean"  # no HF checkpoint has a mean head
     sources, fresh, missing, mismatched = {}, [], [], []
     for path, want in expected.items():
         name = _torch_name(path, prefix)
@@ -602,7 +604,7 @@ def load_encoder(
         sources[path] = name
     used = set(sources.values())
     unused = sorted(keys - used)
-    ignored = [k for k in unused if k[len(prefix):].split(".")[0] in _IGNORED
+    ignored = [k for k in unused if k.removeprefix(prefix).split(".")[0] in _IGNORED
                or k.rsplit(".", 1)[-1] in _BUFFERS]
     unexpected = sorted(set(unused) - set(ignored))
     problems = [_listing(kind, items) for kind, items in (
