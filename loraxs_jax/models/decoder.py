@@ -27,7 +27,8 @@ Forward::
 is the supported layout); ``positions`` (B, T) defaults to the count of real tokens before each one
 (cache included), so left-padded rows get rotary positions 0, 1, ... as if unpadded. ``cache`` is
 :func:`init_cache`'s dict; the new tokens are written at ``cache["index"]`` and the updated cache is
-returned. Logits are (B, T, vocab) in the compute dtype.
+returned. Logits are (B, T, vocab) in the compute dtype; ``last_logits_only=True`` computes only
+the last position's (B, 1, vocab), which is what generation needs.
 """
 
 from __future__ import annotations
@@ -354,7 +355,8 @@ class DecoderForCausalLM(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
+                 last_logits_only: bool = False):
         c = self.config
         b, t = input_ids.shape
         mask = (jnp.ones((b, t), bool) if attention_mask is None
@@ -378,6 +380,8 @@ class DecoderForCausalLM(nn.Module):
             cache_kv = (cache["k"], cache["v"])
         model = DecoderModel(c, name="model")
         h, (k, v) = model(input_ids, attn, cos, sin, cache_kv, index)
+        if last_logits_only:  # generation needs one row of (vocab) logits, not T
+            h = h[:, -1:]
         if c.tie_word_embeddings:
             logits = model.attend(h)
         else:

@@ -48,7 +48,8 @@ def _program(apply_fn, config, max_new_tokens, temperature, top_k, top_p, eos, p
         b, p = input_ids.shape
         cache = init_cache(config, b, p + max_new_tokens)
         variables = {"params": params}
-        logits, cache = apply_fn(variables, input_ids, attention_mask=attention_mask, cache=cache)
+        logits, cache = apply_fn(variables, input_ids, attention_mask=attention_mask, cache=cache,
+                                 last_logits_only=True)
         rng, key = jax.random.split(rng)
         token = sample_logits(logits[:, -1], key, temperature, top_k, top_p)
         out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
@@ -62,7 +63,7 @@ def _program(apply_fn, config, max_new_tokens, temperature, top_k, top_p, eos, p
             step, out, cache, done, rng = state
             last = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)
             logits, cache = apply_fn(variables, last, attention_mask=jnp.ones((b, 1), jnp.int32),
-                                     cache=cache)
+                                     cache=cache, last_logits_only=True)
             rng, key = jax.random.split(rng)
             token = sample_logits(logits[:, -1], key, temperature, top_k, top_p)
             token = jnp.where(done, pad, token)
@@ -83,7 +84,8 @@ def generate(apply_fn: Callable, params, config: DecoderConfig, input_ids, atten
 
     Args:
       apply_fn: ``model.apply`` or ``loraxs_jax.wrap(model.apply)``; called as
-        ``apply_fn({"params": params}, ids, attention_mask=..., cache=...) -> (logits, cache)``.
+        ``apply_fn({"params": params}, ids, attention_mask=..., cache=..., last_logits_only=True)
+        -> (logits, cache)``.
         Reuse the same function object across calls: the compiled program is cached on it.
       params: the param tree.
       config: the model's :class:`DecoderConfig` (cache shape and dtype).
