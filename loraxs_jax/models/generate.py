@@ -41,10 +41,10 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 0.0,
 
 
 @functools.lru_cache(maxsize=32)
-def _program(apply_fn, config, max_new_tokens, temperature, top_k, top_p, eos, pad):
-    eos = jnp.asarray(eos if eos else (-1,), jnp.int32)
+def _program(apply_fn, config, max_new_tokens, temperature, top_k, top_p):
+    """The jitted generation program, built once per model function and static settings."""
 
-    def run(params, input_ids, attention_mask, rng):
+    def run(params, input_ids, attention_mask, rng, eos, pad):
         b, p = input_ids.shape
         cache = init_cache(config, b, p + max_new_tokens)
         variables = {"params": params}
@@ -86,7 +86,8 @@ def generate(apply_fn: Callable, params, config: DecoderConfig, input_ids, atten
       apply_fn: ``model.apply`` or ``loraxs_jax.wrap(model.apply)``; called as
         ``apply_fn({"params": params}, ids, attention_mask=..., cache=..., last_logits_only=True)
         -> (logits, cache)``.
-        Reuse the same function object across calls: the compiled program is cached on it.
+        Pass the same function object across calls (``apply = model.apply`` once): the
+        compiled program is cached on it.
       params: the param tree.
       config: the model's :class:`DecoderConfig` (cache shape and dtype).
       input_ids: (B, P) int prompts, left-padded so every row's last token is real.
@@ -109,8 +110,9 @@ def generate(apply_fn: Callable, params, config: DecoderConfig, input_ids, atten
                          "(tokenizer.padding_side = 'left')")
     if isinstance(eos_token_id, int):
         eos_token_id = (eos_token_id,)
-    eos = tuple(sorted(set(eos_token_id or ())))
-    program = _program(apply_fn, config, int(max_new_tokens), float(temperature), top_k, top_p,
-                       eos, int(pad_token_id))
+    eos = sorted(set(eos_token_id or ()))
+    eos += [-1] * (4 - len(eos) % 4)  # padded to a multiple of 4: fewer distinct shapes to compile
+    program = _program(apply_fn, config, int(max_new_tokens), float(temperature), top_k, top_p)
     rng = jax.random.key(0) if rng is None else rng
-    return program(params, input_ids, attention_mask, rng)
+    return program(params, input_ids, attention_mask, rng, jnp.asarray(eos, jnp.int32),
+                   jnp.int32(pad_token_id))
