@@ -1,6 +1,7 @@
 """Encoder family: logit parity with transformers (PyTorch), real MiniLM weights, loader errors,
 scan/remat/bf16/dropout, sharded loading, logical axes and LoRA-XS on the paper's targets."""
 
+import dataclasses
 import functools
 import json
 import logging
@@ -8,6 +9,7 @@ import re
 import shutil
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,7 @@ from loraxs_jax.models.encoder import (
     PAPER_TARGETS,
     Encoder,
     EncoderConfig,
+    SelfAttention,
     init_encoder,
     load_encoder,
     param_logical_axes,
@@ -151,20 +154,25 @@ def test_dropout_is_active_only_when_not_deterministic(checkpoints):
     ids, _ = _inputs("bert")
     base = _jit(config)({"params": params}, ids, MASK)
 
-    def train(config):
-        return jax.jit(lambda key: Encoder(config).apply(
-            {"params": params}, ids, MASK, deterministic=False, rngs={"dropout": key}))
-
-    dropped = train(config)
+    dropped = jax.jit(lambda key: Encoder(config).apply(
+        {"params": params}, ids, MASK, deterministic=False, rngs={"dropout": key}))
     a, a2, b = dropped(jax.random.key(1)), dropped(jax.random.key(1)), dropped(jax.random.key(2))
     np.testing.assert_array_equal(a, a2)
     assert np.abs(a - b).max() > 1e-3 and np.abs(a - base).max() > 1e-3
-    # The spelled-out attention (taken whenever attention dropout is drawn) equals
-    # jax.nn.dot_product_attention: a dropout rate too small to drop anything changes nothing.
-    import dataclasses
 
-    tiny_rate = dataclasses.replace(config, hidden_dropout=0.0, attention_dropout=1e-12)
-    np.testing.assert_allclose(train(tiny_rate)(jax.random.key(1)), base, atol=1e-5)
+    # The spelled-out attention (taken whenever attention dropout is drawn) equals
+    # jax.nn.dot_product_attention, padding mask included, at a rate too small to drop anything.
+    attn = SelfAttention(dataclasses.replace(config, attention_dropout=1e-12,
+                                             initializer_range=0.5))
+    x, mask = jax.random.normal(jax.random.key(3), (2, 7, 32)), MASK.astype(bool)
+    p = attn.init(jax.random.key(4), x, mask, True)
+    fast = attn.apply(p, x, mask, True)
+    spelled = attn.apply(p, x, mask, False, rngs={"dropout": jax.random.key(5)})
+    np.testing.assert_allclose(spelled, fast, atol=1e-5)
+    masked_keys = x.at[1, 4:].set(100.0)  # padding keys must not matter
+    np.testing.assert_allclose(attn.apply(p, masked_keys, mask, False,
+                                          rngs={"dropout": jax.random.key(5)})[1, :4],
+                               fast[1, :4], atol=1e-5)
 
 
 def test_minilm_mean_embeddings_match_sentence_transformers_reference():
@@ -275,12 +283,17 @@ def test_sharded_loading_places_each_tensor(checkpoints):
     flat = {"/".join(str(k.key) for k in p): x
             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert sorted(seen) == sorted(flat)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params, is_leaf=_boxed))
     q = flat["encoder/layer/attention/self/query/kernel"]
     assert q.sharding == NamedSharding(mesh, PartitionSpec(None, "model"))
     ids, _ = _inputs("roberta")
     plain_config, plain = load_encoder(folder)
     np.testing.assert_allclose(_jit(config)({"params": params}, ids, MASK),
                                _jit(plain_config)({"params": plain}, ids, MASK), atol=1e-5)
+
+
+def _boxed(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
 
 
 def _paths(tree) -> list[str]:
@@ -329,6 +342,11 @@ def test_paths_logical_axes_and_paper_targets():
     assert "pooler/dense/kernel" in paths and "classifier/kernel" in paths
     assert "embeddings/token_type_embeddings/embedding" in paths
 
+    params = init_encoder(config, jax.random.key(0))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params, is_leaf=_boxed))
+    assert 0.015 < float(params["encoder"]["layer"]["2"]["output"]["dense"]["kernel"].std()) < 0.025
+    np.testing.assert_array_equal(params["embeddings"]["LayerNorm"]["scale"], np.ones(16))
+
     axes = param_logical_axes(config)
     layer = axes["encoder"]["layer"]["0"]
     assert layer["attention"]["self"]["query"]["kernel"] == PartitionSpec("embed", "heads")
@@ -336,17 +354,15 @@ def test_paths_logical_axes_and_paper_targets():
     assert layer["intermediate"]["dense"]["kernel"] == PartitionSpec("embed", "mlp")
     assert layer["output"]["LayerNorm"]["scale"] == PartitionSpec("embed")
     assert axes["embeddings"]["word_embeddings"]["embedding"] == PartitionSpec("vocab", "embed")
-    import dataclasses
-
     scanned = param_logical_axes(dataclasses.replace(config, scan_layers=True))
     assert scanned["encoder"]["layer"]["output"]["dense"]["kernel"] == PartitionSpec(
         "layers", "mlp", "embed")
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_loraxs_adapts_the_paper_targets_through_dense_interception(checkpoints, scan):
+@pytest.mark.parametrize("scan,remat", [(False, True), (True, False)])
+def test_loraxs_adapts_the_paper_targets_through_dense_interception(checkpoints, scan, remat):
     folder = checkpoints["roberta", 2]
-    config, params = load_encoder(folder, scan_layers=scan)
+    config, params = load_encoder(folder, scan_layers=scan, remat=remat)
     lcfg = loraxs_jax.LoraXSConfig(rank=4, alpha=16, targets=PAPER_TARGETS, r_std=0.05,
                                    stacked_axes=1 if scan else 0)
     adapted = loraxs_jax.apply(params, lcfg, jax.random.key(0))

@@ -436,17 +436,13 @@ class Encoder(nn.Module):
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None,
                deterministic: bool = True):
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids, deterministic)
-        return self.encoder(x, attention_mask.astype(bool), deterministic)
+        return self.encoder(x, _mask(input_ids, attention_mask).astype(bool), deterministic)
 
     def embed(self, input_ids, attention_mask=None, token_type_ids=None,
               deterministic: bool = True):
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
         hidden = self.encode(input_ids, attention_mask, token_type_ids, deterministic)
-        return mean_pool(hidden, attention_mask)
+        return mean_pool(hidden, _mask(input_ids, attention_mask))
 
     def classify(self, hidden, attention_mask, deterministic: bool = True):
         """The head alone: (B, T, H) last hidden states -> float32 logits (B, num_labels)."""
@@ -462,10 +458,13 @@ class Encoder(nn.Module):
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
                  deterministic: bool = True):
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
         hidden = self.encode(input_ids, attention_mask, token_type_ids, deterministic)
-        return self.classify(hidden, attention_mask, deterministic)
+        return self.classify(hidden, _mask(input_ids, attention_mask), deterministic)
+
+
+def _mask(input_ids, attention_mask):
+    """No mask means every token is real."""
+    return jnp.ones_like(input_ids) if attention_mask is None else attention_mask
 
 
 # ------------------------------------------------------------------------------------------
