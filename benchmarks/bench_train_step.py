@@ -1,0 +1,94 @@
+"""Train-step time, FLOPs and memory of LoRA-XS next to the frozen floor, LoRA and full FT.
+
+On the same model and batch: the floor (forward + backward to the inputs, weights frozen), LoRA-XS
+(gradient w.r.t. R only, AdamW on R), LoRA (same targets and rank, AdamW on A, B) and full
+fine-tuning (AdamW on everything). Times are medians of interleaved rounds; FLOPs and memory
+come from the compiled programs.
+
+    python -m benchmarks.bench_train_step [--smoke] [--reps N] [--no-minilm]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks import common
+
+LABELS = {"floor": "floor (frozen fwd+bwd to inputs)", "loraxs": "LoRA-XS (R only)",
+          "lora": "LoRA (A, B)", "full": "full fine-tuning"}
+
+
+def measure(setup: common.Setup, reps: int) -> dict:
+    steps = common.train_steps(setup)
+    times = common.interleaved(steps, reps)
+    rows = {}
+    for m, st in steps.items():
+        rows[m] = {"median_s": common.median(times[m]), "times_s": times[m],
+                   "trainable_params": st.trainable, **common.compile_stats(st.compiled)}
+    x = rows["loraxs"]
+    ratios = {}
+    for other in ("floor", "lora", "full"):
+        ratios[f"loraxs/{other}"] = {
+            "time": x["median_s"] / rows[other]["median_s"],
+            "flops": x["flops"] / rows[other]["flops"],
+            "peak_memory": x["peak_bytes"] / rows[other]["peak_bytes"]}
+    # per-round ratio medians: robust to a slow phase that spans a whole round
+    ratios["loraxs/floor"]["time_per_round_median"] = common.median(
+        [a / b for a, b in zip(times["loraxs"], times["floor"])])
+    return {"setup": setup.description, "rank": setup.rank, "alpha": setup.alpha,
+            "targets": list(setup.targets), "methods": rows, "ratios": ratios}
+
+
+def table(name: str, r: dict) -> str:
+    floor = r["methods"]["floor"]
+    rows = []
+    for m, d in r["methods"].items():
+        rows.append([LABELS[m], d["trainable_params"], d["median_s"] * 1e3,
+                     d["median_s"] / floor["median_s"], d["flops"] / 1e9,
+                     d["flops"] / floor["flops"], d["args_bytes"] / common.MB,
+                     d["temp_bytes"] / common.MB, d["peak_bytes"] / common.MB])
+    t = common.md_table(["method", "trainable", "step ms (median)", "× floor time", "GFLOP",
+                         "× floor FLOPs", "args MiB", "temp MiB", "peak MiB"], rows)
+    ra = r["ratios"]
+    summary = " · ".join(f"**{k}**: time {v['time']:.3f}, FLOPs {v['flops']:.3f}, peak memory "
+                         f"{v['peak_memory']:.3f}" for k, v in ra.items())
+    return f"## {name}\n\n{r['setup']}; rank {r['rank']}, α {r['alpha']}\n\n{t}\n\n{summary}\n"
+
+
+NOTES = """
+Notes. Same model, same batch, one process; contenders interleaved round-robin, median of the
+rounds. The floor differentiates w.r.t. a zero tensor added to the token embeddings, so it pays
+the whole activation backward pass and no weight gradient: no adapter that touches the first
+layer can be cheaper. Dropout is off (deterministic) everywhere. args = params (frozen and
+trainable) + optimizer state + batch; peak = args + outputs + temporaries − aliased, from XLA's
+compiled memory_analysis (process RSS on the CPU backend is monotone and shared with the
+compiler, so it says nothing per step and is not reported). FLOPs from XLA cost_analysis.
+"""
+
+
+def run(smoke: bool = False, reps: int | None = None, with_minilm: bool = True) -> dict:
+    reps = reps or (3 if smoke else 7)
+    setups = [common.llama_small(smoke), common.bert_small(smoke)]
+    if with_minilm and not smoke and common.have_asset("minilm"):
+        setups.append(common.minilm())
+    results = {}
+    for s in setups:
+        results[s.name] = measure(s, reps)
+        print(f"[train_step] {s.name}: " + ", ".join(
+            f"{k} time×{v['time']:.3f}" for k, v in results[s.name]["ratios"].items()), flush=True)
+    md = "\n".join(table(n, r) for n, r in results.items()) + NOTES
+    path = common.write_result("train_step", {"reps": reps, "models": results}, md, smoke)
+    return {"path": str(path), "models": results}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny models, few reps")
+    p.add_argument("--reps", type=int, default=None, help="interleaved rounds")
+    p.add_argument("--no-minilm", action="store_true", help="skip the real MiniLM")
+    a = p.parse_args(argv)
+    print(run(a.smoke, a.reps, not a.no_minilm)["path"])
+
+
+if __name__ == "__main__":
+    main()
