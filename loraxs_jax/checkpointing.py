@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -58,9 +57,7 @@ def _abstract(x: Any) -> Any:
         return x
     if isinstance(x, jax.Array):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-    if isinstance(x, (np.ndarray, np.generic)):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return x   # python scalars restore as saved
+    return x   # numpy arrays restore as numpy (on the host), python scalars as saved
 
 
 def _rewrap(value: Any, like: Any) -> Any:
