@@ -281,7 +281,7 @@ def _tokens(key, batch: int, seq: int, vocab: int, kind: str) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def llama_small(smoke: bool = False, batch: int = 8, seq: int = 128, rank: int = 16) -> Setup:
     """A small Llama-family decoder (GQA, SwiGLU, RoPE), random weights; the seven LLM targets
     of the paper (q, k, v, o, gate, up, down), α = 2r as the commonsense setup."""
@@ -300,7 +300,7 @@ def llama_small(smoke: bool = False, batch: int = 8, seq: int = 128, rank: int =
                  DECODER_TARGETS, rank, 2.0 * rank, c.hidden_size, desc)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bert_small(smoke: bool = False, batch: int = 16, seq: int = 128, rank: int = 16) -> Setup:
     """A BERT-family encoder, random weights, the paper's GLUE targets, α = 16."""
     if smoke:
@@ -317,7 +317,7 @@ def bert_small(smoke: bool = False, batch: int = 16, seq: int = 128, rank: int =
                  ENCODER_TARGETS, rank, 16.0, c.hidden_size, desc)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def minilm(batch: int = 32, seq: int = 128, rank: int = 16) -> Setup:
     """The real all-MiniLM-L6-v2 (6 layers, H=384) with a mean-pooled head, the paper's GLUE
     targets; the demo's shape (SST-2, batch 32, max length 128)."""
