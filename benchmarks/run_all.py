@@ -1,0 +1,97 @@
+"""Run every benchmark and write ``benchmarks/results/README.md`` with their latest tables.
+
+    python -m benchmarks.run_all            # full size (make bench), ~15 min on 2 CPU cores
+    python -m benchmarks.run_all --smoke    # tiny sizes, into benchmarks/results/smoke/
+    python -m benchmarks.run_all --only train_step,merge
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from benchmarks import (
+    bench_adapter_size,
+    bench_merge,
+    bench_scaling,
+    bench_svd_init,
+    bench_train_step,
+    common,
+)
+
+BENCHMARKS = {
+    "train_step": bench_train_step.run,
+    "svd_init": bench_svd_init.run,
+    "adapter_size": bench_adapter_size.run,
+    "merge": bench_merge.run,
+    "scaling": bench_scaling.run,
+}
+
+
+def headline(results: dict) -> list[str]:
+    """The claims, one line each, from whichever benchmarks ran."""
+    lines = []
+    for name, r in results.get("train_step", {}).get("models", {}).items():
+        ra = r["ratios"]
+        lines.append(f"- train step, {name} (r={r['rank']}): LoRA-XS / floor time "
+                     f"{ra['loraxs/floor']['time']:.3f} (FLOPs {ra['loraxs/floor']['flops']:.3f}); "
+                     f"/ LoRA time {ra['loraxs/lora']['time']:.3f}; / full time "
+                     f"{ra['loraxs/full']['time']:.3f}, peak memory "
+                     f"{ra['loraxs/full']['peak_memory']:.3f}")
+    if "svd_init" in results:
+        ep = results["svd_init"]["demo_epoch"]
+        lines.append("- whole-model SVD init / one demo epoch: " + ", ".join(
+            f"{k} {v:.2%}" for k, v in ep["init_over_epoch"].items()))
+    for name, rows in results.get("adapter_size", {}).get("models", {}).items():
+        x = rows[-1]
+        lines.append(f"- adapter file, {name} r={x['rank']}: {x['file_bytes']:,} B "
+                     f"(r²·n·4 = {x['r2_count_4']:,}); LoRA ×{x['lora_over_ours']:.0f}, "
+                     f"official A+B+R ×{x['official_over_ours']:.0f}")
+    for name, e in results.get("merge", {}).get("eval", {}).items():
+        lines.append(f"- eval step, {name}: merged / base {e['merged/base']:.3f}, unmerged / base "
+                     f"{e['unmerged/base']:.3f}")
+    sc = results.get("scaling")
+    if sc:
+        lines.append("- LoRA-XS / floor time vs rank: " + ", ".join(
+            f"r={p['rank']} {p['time_ratio']:.2f}" for p in sc["by_rank"]))
+    return lines
+
+
+def run(smoke: bool = False, only: list[str] | None = None) -> dict:
+    names = only or list(BENCHMARKS)
+    unknown = set(names) - set(BENCHMARKS)
+    if unknown:
+        raise SystemExit(f"unknown benchmarks {sorted(unknown)}; choose from {list(BENCHMARKS)}")
+    results, took = {}, {}
+    for n in names:
+        t = time.perf_counter()
+        results[n] = BENCHMARKS[n](smoke=smoke)
+        took[n] = time.perf_counter() - t
+        print(f"[run_all] {n}: {took[n]:.0f} s -> {results[n]['path']}", flush=True)
+    out = common.RESULTS / "smoke" if smoke else common.RESULTS
+    m = common.machine()
+    parts = [f"# Benchmark results{' (smoke)' if smoke else ''}\n",
+             f"Latest `python -m benchmarks.run_all{' --smoke' if smoke else ''}`: {m['date_utc']}, "
+             f"{m['cpu']} × {m['cores']} cores, {m['backend']}, jax {m['jax']}, git {m['git']}. "
+             "Ratios are measured side by side in one process (interleaved rounds, medians); "
+             "absolute times on this shared machine are noisy.\n",
+             "## Headline\n", *headline(results), ""]
+    for n in names:
+        md = Path(results[n]["path"])
+        parts += [f"---\n\n[{md.name}]({md.name}) · took {took[n]:.0f} s\n",
+                  md.read_text().split("\n", 2)[2].replace("\n## ", "\n### ")]
+    (out / "README.md").write_text("\n".join(parts))
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds, for tests)")
+    p.add_argument("--only", default="", help=f"comma-separated subset of {list(BENCHMARKS)}")
+    a = p.parse_args(argv)
+    run(a.smoke, [x for x in a.only.split(",") if x] or None)
+
+
+if __name__ == "__main__":
+    main()
