@@ -113,8 +113,8 @@ def test_logits_and_hidden_states_match_transformers(checkpoints, kind, num_labe
     ids, token_types = _inputs(kind)
     ref_logits, ref_hidden = _torch_outputs(kind, folder, ids, token_types)
     config, params = load_encoder(folder, num_labels=num_labels)
-    logits = _jit(config)({"params": params}, ids, MASK, token_types)
-    hidden = _jit(config, Encoder.encode)({"params": params}, ids, MASK, token_types)
+    both = _jit(config, lambda model, *args: (model(*args), model.encode(*args)))
+    logits, hidden = both({"params": params}, ids, MASK, token_types)
     assert logits.shape == (2, num_labels) and logits.dtype == jnp.float32
     assert np.abs(ref_logits).max() > 0.1  # a real signal, not near-zero logits
     np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=1e-4, rtol=0)
@@ -150,13 +150,15 @@ def test_scan_remat_and_bf16_agree_with_the_plain_model(checkpoints):
 
 
 def test_dropout_is_active_only_when_not_deterministic(checkpoints):
-    config, params = load_encoder(checkpoints["bert", 2])
+    config, params = load_encoder(checkpoints["bert", 2], scan_layers=True)  # faster compiles
     ids, _ = _inputs("bert")
     base = _jit(config)({"params": params}, ids, MASK)
 
-    dropped = jax.jit(lambda key: Encoder(config).apply(
-        {"params": params}, ids, MASK, deterministic=False, rngs={"dropout": key}))
-    a, a2, b = dropped(jax.random.key(1)), dropped(jax.random.key(1)), dropped(jax.random.key(2))
+    # rbg keys: threefry dropout masks take several times longer to compile on CPU.
+    key = partial(jax.random.key, impl="rbg")
+    dropped = jax.jit(lambda rng: Encoder(config).apply(
+        {"params": params}, ids, MASK, deterministic=False, rngs={"dropout": rng}))
+    a, a2, b = dropped(key(1)), dropped(key(1)), dropped(key(2))
     np.testing.assert_array_equal(a, a2)
     assert np.abs(a - b).max() > 1e-3 and np.abs(a - base).max() > 1e-3
 
@@ -164,14 +166,14 @@ def test_dropout_is_active_only_when_not_deterministic(checkpoints):
     # jax.nn.dot_product_attention, padding mask included, at a rate too small to drop anything.
     attn = SelfAttention(dataclasses.replace(config, attention_dropout=1e-12,
                                              initializer_range=0.5))
-    x, mask = jax.random.normal(jax.random.key(3), (2, 7, 32)), MASK.astype(bool)
-    p = attn.init(jax.random.key(4), x, mask, True)
+    x, mask = jax.random.normal(key(3), (2, 7, 32)), MASK.astype(bool)
+    p = attn.init(key(4), x, mask, True)
     fast = attn.apply(p, x, mask, True)
-    spelled = attn.apply(p, x, mask, False, rngs={"dropout": jax.random.key(5)})
+    spelled = attn.apply(p, x, mask, False, rngs={"dropout": key(5)})
     np.testing.assert_allclose(spelled, fast, atol=1e-5)
     masked_keys = x.at[1, 4:].set(100.0)  # padding keys must not matter
     np.testing.assert_allclose(attn.apply(p, masked_keys, mask, False,
-                                          rngs={"dropout": jax.random.key(5)})[1, :4],
+                                          rngs={"dropout": key(5)})[1, :4],
                                fast[1, :4], atol=1e-5)
 
 
@@ -341,11 +343,6 @@ def test_paths_logical_axes_and_paper_targets():
         "attention/output/dense", "attention/self/query", "attention/self/value", "output/dense")]
     assert "pooler/dense/kernel" in paths and "classifier/kernel" in paths
     assert "embeddings/token_type_embeddings/embedding" in paths
-
-    params = init_encoder(config, jax.random.key(0))
-    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params, is_leaf=_boxed))
-    assert 0.015 < float(params["encoder"]["layer"]["2"]["output"]["dense"]["kernel"].std()) < 0.025
-    np.testing.assert_array_equal(params["embeddings"]["LayerNorm"]["scale"], np.ones(16))
 
     axes = param_logical_axes(config)
     layer = axes["encoder"]["layer"]["0"]
