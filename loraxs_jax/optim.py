@@ -12,6 +12,7 @@ leaves and zeroes every other update; it too holds state for the trainable leave
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,12 +23,10 @@ from loraxs_jax.config import LoraXSConfig
 from loraxs_jax.transform import flatten, leaf_role, path_str, unflatten
 
 
-def _trainable_path(path: tuple, extra: tuple[str, ...]) -> bool:
-    import re
-
+def _trainable_path(path: tuple, extra: tuple[str, ...], train_r: bool = True) -> bool:
     role = leaf_role(path[-1])
-    if role:
-        return role[1] == "R"
+    if role and role[1] == "R" and train_r:
+        return True
     name = path_str(path)
     return any(re.search(p, name) for p in extra)
 
@@ -37,15 +36,17 @@ def _extra(cfg: LoraXSConfig | None, trainable: tuple[str, ...] | None) -> tuple
 
 
 def split(params: Mapping, cfg: LoraXSConfig | None = None,
-          trainable: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+          trainable: tuple[str, ...] | None = None, train_r: bool = True) -> tuple[dict, dict]:
     """(trainable, frozen): two nested dicts that partition the leaves of ``params``.
 
-    Trainable are the ``*_loraxs_R`` leaves plus leaves whose path matches ``cfg.trainable``
-    (or the ``trainable`` regexes given here), e.g. a classification head.
+    Trainable are the ``*_loraxs_R`` leaves (unless ``train_r=False``) plus leaves whose path
+    matches ``cfg.trainable`` (or the ``trainable`` regexes given here), e.g. a classification
+    head. Baselines use the regexes alone (LoRA: ``baselines.LORA_TRAINABLE``; full fine-tuning:
+    ``(".*",)``).
     """
     extra = _extra(cfg, trainable)
     flat = flatten(params)
-    t = {p: v for p, v in flat.items() if _trainable_path(p, extra)}
+    t = {p: v for p, v in flat.items() if _trainable_path(p, extra, train_r)}
     if not t:
         raise ValueError("nothing trainable: no *_loraxs_R leaves (call loraxs_jax.apply first) "
                          f"and no param matches {list(extra)}")
