@@ -213,15 +213,30 @@ def test_minilm_mean_embeddings_match_sentence_transformers_reference():
 
 def test_missing_head_is_initialised_and_logged(checkpoints, tmp_path, caplog):
     folder = checkpoints["bert", 2]
-    ref_config, ref = load_encoder(folder)
+    _, ref = load_encoder(folder)
+
+    def drop_head(tensors):
+        for k in [k for k in tensors if k.startswith(("bert.pooler.", "classifier."))]:
+            del tensors[k]
+
+    _rewrite(folder, tmp_path / "body", drop_head)  # like a saved BertModel without pooler
     with caplog.at_level(logging.INFO, logger="loraxs_jax.models.encoder"):
-        config, params = load_encoder(folder, head="mean", num_labels=3, rng=jax.random.key(7))
-    assert "classifier/kernel" in caplog.text and "freshly initialised" in caplog.text
-    assert "bert.pooler.dense.weight" in caplog.text  # unused by the mean head, and said so
-    assert "pooler" not in params and params["classifier"]["kernel"].shape == (32, 3)
-    assert 0.01 < float(jnp.std(params["classifier"]["kernel"])) < 0.04  # N(0, 0.02²)
+        _, params = load_encoder(tmp_path / "body", rng=jax.random.key(7))
+    (record,) = [r for r in caplog.records if "freshly initialised" in r.getMessage()]
+    assert record.levelno == logging.WARNING  # not asked for: say it loudly
+    assert "pooler/dense/kernel" in record.getMessage()
+    assert "classifier/kernel" in record.getMessage()
+    assert 0.015 < float(jnp.std(params["pooler"]["dense"]["kernel"])) < 0.025  # N(0, 0.02²)
     np.testing.assert_array_equal(params["encoder"]["layer"]["1"]["output"]["dense"]["kernel"],
                                   ref["encoder"]["layer"]["1"]["output"]["dense"]["kernel"])
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="loraxs_jax.models.encoder"):
+        _, params = load_encoder(folder, head="mean", num_labels=3)
+    (record,) = [r for r in caplog.records if "freshly initialised" in r.getMessage()]
+    assert record.levelno == logging.INFO and "classifier/kernel" in record.getMessage()
+    assert "bert.pooler.dense.weight" in caplog.text  # unused by the mean head, and said so
+    assert "pooler" not in params and params["classifier"]["kernel"].shape == (32, 3)
 
     # A 2-label head cannot serve 3 labels unless asked to start the head afresh.
     with pytest.raises(ValueError, match=r"classifier\.weight: checkpoint \(2, 32\)"):

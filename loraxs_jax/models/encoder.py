@@ -587,9 +587,11 @@ def load_encoder(
     expected = _flatten(nn.meta.unbox(_abstract_init(flat_config)))
     fresh_head = fresh_head or config.head == "mean"  # no HF checkpoint has a mean head
     sources, fresh, missing, mismatched = {}, [], [], []
+    absent_head = False  # a head part the checkpoint lacks although nobody asked for a fresh one
     for path, want in expected.items():
         name = _torch_name(path, prefix)
         if (fresh_head and path[0] == "classifier") or (name not in keys and path[0] in _HEAD):
+            absent_head |= not (fresh_head and path[0] == "classifier")
             fresh.append(path)
             continue
         if name not in keys:
@@ -642,6 +644,7 @@ def load_encoder(
     if fresh:
         init = _flatten(_init_head(config, jax.random.key(0) if rng is None else rng))
         flat.update({path: place(path, np.asarray(init[path])) for path in fresh})
-        logger.info("freshly initialised (not taken from %s; train them): %s", ckpt.folder,
-                    ", ".join("/".join(p) for p in fresh))
+        logger.log(logging.WARNING if absent_head else logging.INFO,
+                   "freshly initialised (not taken from %s; train them): %s", ckpt.folder,
+                   ", ".join("/".join(p) for p in fresh))
     return config, _unflatten(flat)
