@@ -141,11 +141,18 @@ def load_metamathqa(source: str | pathlib.Path = "hub", limit: int | None = 100_
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist (expected MetaMathQA json/jsonl)")
         text = path.read_text(encoding="utf-8")
-        try:
-            rows = (json.loads(text) if text.lstrip().startswith("[") else
-                    [json.loads(line) for line in text.splitlines() if line.strip()])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+        if text.lstrip().startswith("["):
+            chunks = [(0, text)]
+        else:  # jsonl: one object per line
+            chunks = [(n - 1, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        rows = []
+        for offset, chunk in chunks:
+            try:
+                parsed = json.loads(chunk)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: malformed JSON at line {offset + e.lineno} "
+                                 f"({e.msg})") from None
+            rows += parsed if isinstance(parsed, list) else [parsed]
         rows, origin = rows[:limit] if limit else rows, str(path)
     if not rows:
         raise ValueError(f"{origin}: no MetaMathQA rows")
