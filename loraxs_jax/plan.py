@@ -1,0 +1,356 @@
+"""Memory plan of a LoRA-XS run per device, from shapes alone (no weights are made).
+
+    python -m loraxs_jax.plan --config=configs/mistral_math.py --config.mesh.fsdp=8 --devices=8
+    python -m loraxs_jax.plan --model=mistral-7b --rank=64 --fsdp=8 --devices=8   # no config file
+
+For each device it reports the base params (sharded by the rules), the frozen bases A and B
+(sharded like their kernels), R, the optimizer state (AdamW mu and nu for the trainable leaves
+only: R and the chosen extras) and the activations the backward pass keeps, with and without
+rematerialisation. Everything comes from ``jax.eval_shape``; activations are the residuals JAX
+saves between the forward and backward pass of the train step (what ``print_saved_residuals``
+lists), counted without the params they close over. Where the mesh fits on the devices present
+(``--devices`` virtual CPU devices), the sharded train step is also compiled and XLA's
+``memory_analysis()`` (arguments, outputs, temporaries per device) is reported.
+
+Config fields read (an ml_collections file with ``get_config(arg)``):
+  model       a DecoderConfig/EncoderConfig, a preset name from ``MODELS`` (e.g. "mistral-7b"),
+              or a mapping with ``family`` ("decoder"/"encoder") and the config's fields;
+  loraxs      a LoraXSConfig or a mapping of its fields;
+  mesh        data, fsdp, tensor (one may be -1: fill the devices);
+  batch_size  global examples per step;
+  max_length  tokens per example;
+  remat       optional; both with and without remat are reported regardless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.core import meta
+
+from loraxs_jax import sharding as sh
+from loraxs_jax.config import LoraXSConfig
+from loraxs_jax.models import decoder, encoder
+from loraxs_jax.optim import combine, split
+from loraxs_jax.transform import apply, count, flatten, leaf_role
+
+ModelConfig = decoder.DecoderConfig | encoder.EncoderConfig
+
+# Shapes of the paper's larger models, for planning without their config files.
+MODELS: dict[str, ModelConfig] = {
+    "mistral-7b": decoder.DecoderConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=1e6,
+        max_position_embeddings=32768, model_type="mistral", dtype="bfloat16",
+        param_dtype="bfloat16"),
+    "llama2-7b": decoder.DecoderConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+        num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, model_type="llama",
+        dtype="bfloat16", param_dtype="bfloat16"),
+    "roberta-large": encoder.roberta_large_config(),
+}
+# Every projection of a decoder layer (the paper's math/commonsense setting: 7 per layer).
+DECODER_TARGETS = (r"(q|k|v|o|gate|up|down)_proj/kernel$",)
+
+
+def _nbytes(x) -> int:
+    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
+def _device_bytes(tree, shardings) -> int:
+    """Bytes one device holds of ``tree`` laid out by ``shardings`` (the largest shard)."""
+    leaves = jax.tree.leaves(tree)
+    shards = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x, s in zip(leaves, shards, strict=True))
+
+
+def _model_fns(model_config: ModelConfig):
+    """(param shapes, logical axes, loss(params, batch), batch shapes for (b, t), with_remat)."""
+    if isinstance(model_config, decoder.DecoderConfig):
+        model = decoder.DecoderForCausalLM(model_config)
+
+        def loss(params, batch):
+            from loraxs_jax.layers import wrap
+            logits = wrap(model.apply)({"params": params}, batch["ids"][:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), batch["ids"][:, 1:]).mean()
+
+        def batch(b, t):
+            return {"ids": jax.ShapeDtypeStruct((b, t + 1), jnp.int32)}
+
+        return (decoder.param_shapes(model_config), decoder.param_logical_axes(model_config),
+                loss, batch, lambda c, on: dataclasses.replace(c, remat="full" if on else "none"))
+    if isinstance(model_config, encoder.EncoderConfig):
+        model = encoder.Encoder(model_config)
+
+        def loss(params, batch):
+            from loraxs_jax.layers import wrap
+            logits = wrap(model.apply)({"params": params}, batch["ids"], batch["mask"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+        def batch(b, t):
+            return {"ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
+                    "mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
+                    "labels": jax.ShapeDtypeStruct((b,), jnp.int32)}
+
+        return (meta.unbox(encoder._abstract_init(model_config)),
+                encoder.param_logical_axes(model_config), loss, batch,
+                lambda c, on: dataclasses.replace(c, remat=on))
+    raise TypeError(f"plan needs a DecoderConfig or EncoderConfig, got {type(model_config)}")
+
+
+def _activation_bytes(loss, trainable, frozen, batch) -> int:
+    """Bytes of the residuals the backward pass of d loss / d trainable keeps, excluding the
+    arguments themselves (params, batch): the activations."""
+    from jax._src.ad_checkpoint import saved_residuals  # print_saved_residuals' data
+
+    def f(t, fz, b):   # frozen and batch are arguments (not residuals) but not differentiated
+        return loss(combine(t, jax.lax.stop_gradient(fz)), b)
+
+    res = saved_residuals(f, trainable, frozen, batch)
+    return sum(_nbytes(aval) for aval, why in res if not why.startswith("from the argument")
+               and hasattr(aval, "shape"))
+
+
+def _abstract_mesh(sizes: Mapping[str, int]) -> jax.sharding.AbstractMesh:
+    return jax.sharding.AbstractMesh(tuple(sizes[a] for a in sh.MESH_AXES), sh.MESH_AXES,
+                                     axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def plan(model_config: ModelConfig, lora_cfg: LoraXSConfig, mesh_cfg: Any, batch_size: int,
+         seq_len: int, remat: bool | None = None, *, devices: int | None = None,
+         compile: bool = True, rules=sh.DEFAULT_RULES, learning_rate: float = 1e-4,
+         print_table: bool = True) -> dict:
+    """Per-device memory of training ``lora_cfg`` on ``model_config`` over ``mesh_cfg``.
+
+    Args:
+      model_config: the architecture (dtype/param_dtype as they will run).
+      lora_cfg: targets, rank, ``stacked_axes`` (1 with ``scan_layers``), ``trainable`` extras.
+      mesh_cfg: data/fsdp/tensor sizes; -1 fills ``devices``.
+      batch_size, seq_len: global examples per step and tokens per example.
+      remat: the setting the run uses (marked in the table); both are always computed.
+      devices: devices the mesh spans (default: ``jax.device_count()``); need not exist.
+      compile: also compile the sharded train step and report ``memory_analysis()`` when the
+        mesh's devices exist here.
+    Returns:
+      {'mesh': sizes, 'counts': parameter counts, 'total_bytes': {...}, 'per_device_bytes':
+      {'base_params', 'bases', 'R', 'opt_state', 'activations_no_remat', 'activations_remat'},
+      'compiled': {'no_remat'|'remat': memory_analysis fields} or {}}.
+    """
+    n_dev = jax.device_count() if devices is None else int(devices)
+    sizes = sh.mesh_shape(mesh_cfg, n_dev)
+    real = compile and n_dev == jax.device_count()
+    mesh = sh.make_mesh(mesh_cfg) if real else _abstract_mesh(sizes)
+    shapes, axes, loss, batch_fn, with_remat = _model_fns(model_config)
+    base_sh = sh.param_shardings(shapes, axes, mesh, rules)
+    adapted = jax.eval_shape(lambda p: apply(p, lora_cfg, 0), shapes)
+    all_sh = sh.adapted_shardings(adapted, base_sh)
+    trainable, frozen = split(adapted, lora_cfg)
+    tx = optax.adamw(learning_rate)
+    opt = jax.eval_shape(tx.init, trainable)
+    t_sh = sh.subtree_shardings(all_sh, trainable)
+    opt_sh = sh.opt_state_shardings(tx, opt, t_sh, mesh)
+
+    def part(keep):
+        return {p: v for p, v in flatten(adapted).items() if keep(leaf_role(p[-1]))}
+
+    base = part(lambda r: r is None)
+    bases = part(lambda r: r is not None and r[1] in ("A", "B"))
+    r_only = part(lambda r: r is not None and r[1] == "R")
+    flat_sh = flatten(all_sh)
+
+    def dev(tree_flat):
+        return _device_bytes(list(tree_flat.values()), [flat_sh[p] for p in tree_flat])
+
+    batch = batch_fn(batch_size, seq_len)
+    sh.process_batch_slice(batch_size, mesh)   # raises if data*fsdp does not divide the batch
+    ways = sizes["data"] * sizes["fsdp"]
+    acts = {}
+    for on in (False, True):
+        _, _, loss_on, _, _ = _model_fns(with_remat(model_config, on))
+        acts[on] = _activation_bytes(loss_on, trainable, frozen, batch)
+
+    counts = count(adapted, lora_cfg)
+    opt_count = sum(math.prod(x.shape) for x in jax.tree.leaves(opt))
+    result = {
+        "mesh": sizes, "devices": n_dev, "batch_size": batch_size, "seq_len": seq_len,
+        "remat": remat,
+        "counts": {"base_params": counts["base"] + counts["extra"], "bases": counts["bases"],
+                   "R": counts["R"], "extra_trainable": counts["extra"],
+                   "adapted_matrices": counts["adapted_matrices"], "opt_state": opt_count},
+        "total_bytes": {"base_params": sum(_nbytes(x) for x in base.values()),
+                        "bases": sum(_nbytes(x) for x in bases.values()),
+                        "R": sum(_nbytes(x) for x in r_only.values()),
+                        "opt_state": sum(_nbytes(x) for x in jax.tree.leaves(opt)),
+                        "activations_no_remat": acts[False], "activations_remat": acts[True]},
+        # activations: split over the batch axes (data*fsdp); tensor-sharded ones (heads, mlp)
+        # are smaller still by up to the tensor size, so these are upper bounds.
+        "per_device_bytes": {"base_params": dev(base), "bases": dev(bases), "R": dev(r_only),
+                             "opt_state": _device_bytes(opt, opt_sh),
+                             "activations_no_remat": acts[False] // ways,
+                             "activations_remat": acts[True] // ways},
+        "compiled": {},
+    }
+    if real:
+        result["compiled"] = {
+            ("remat" if on else "no_remat"): _compiled_memory(
+                with_remat(model_config, on), lora_cfg, mesh, rules, learning_rate, batch)
+            for on in (False, True)}
+    if print_table:
+        print(format_table(result))
+    return result
+
+
+def _compiled_memory(model_config, lora_cfg, mesh, rules, learning_rate, batch) -> dict:
+    """XLA's per-device memory of the compiled, sharded train step (abstract inputs)."""
+    shapes, axes, loss, _, _ = _model_fns(model_config)
+    base_sh = sh.param_shardings(shapes, axes, mesh, rules)
+    adapted = jax.eval_shape(lambda p: apply(p, lora_cfg, 0), shapes)
+    all_sh = sh.adapted_shardings(adapted, base_sh)
+    trainable, frozen = split(adapted, lora_cfg)
+    tx = optax.adamw(learning_rate)
+    t_sh, f_sh = sh.subtree_shardings(all_sh, trainable), sh.subtree_shardings(all_sh, frozen)
+    state = {"params": trainable, "opt": jax.eval_shape(tx.init, trainable)}
+    state_sh = {"params": t_sh, "opt": sh.opt_state_shardings(tx, state["opt"], t_sh, mesh)}
+
+    def step(state, frozen, batch):
+        value, grads = jax.value_and_grad(lambda t: loss(combine(t, frozen), batch))(
+            state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, value
+
+    def abstract(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            tree, shardings)
+
+    jitted = sh.jit_train_step(step, mesh, state_sh, f_sh, rules)
+    b_sh = sh.batch_sharding(mesh)
+    m = jitted.lower(abstract(state, state_sh), abstract(frozen, f_sh),
+                     jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b_sh),
+                                  batch)).compile().memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "alias_size_in_bytes", "generated_code_size_in_bytes")
+    return {f: int(getattr(m, f)) for f in fields if m is not None and hasattr(m, f)}
+
+
+def _fmt(n: float) -> str:
+    for unit, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= s:
+            return f"{n / s:8.2f} {unit}"
+    return f"{n:8.0f} B  "
+
+
+def format_table(r: dict) -> str:
+    """The plan as a text table (per device and in total)."""
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    lines = [f"mesh {mesh} ({r['devices']} devices), batch {r['batch_size']} x "
+             f"{r['seq_len']} tokens",
+             f"{'':24}{'count':>16}{'total':>14}{'per device':>14}"]
+    c, tot, dev = r["counts"], r["total_bytes"], r["per_device_bytes"]
+    rows = [("base params", c["base_params"], "base_params"), ("bases A, B", c["bases"], "bases"),
+            ("R (trainable)", c["R"], "R"), ("AdamW mu, nu", c["opt_state"], "opt_state"),
+            ("activations, no remat", None, "activations_no_remat"),
+            ("activations, remat", None, "activations_remat")]
+    for name, n, key in rows:
+        mark = " *" if (key == "activations_remat" and r["remat"]) or (
+            key == "activations_no_remat" and r["remat"] is False) else ""
+        lines.append(f"{name + mark:24}{'' if n is None else f'{n:,}':>16}{_fmt(tot[key]):>14}"
+                     f"{_fmt(dev[key]):>14}")
+    static = dev["base_params"] + dev["bases"] + dev["R"] + dev["opt_state"]
+    for label, key in (("no remat", "activations_no_remat"), ("remat", "activations_remat")):
+        lines.append(f"{'sum, ' + label:24}{'':16}{'':14}{_fmt(static + dev[key]):>14}")
+    for label, m in r["compiled"].items():
+        lines.append(f"compiled ({label}): " + ", ".join(
+            f"{k.replace('_in_bytes', '')} {_fmt(v).strip()}" for k, v in m.items()))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _model_from(spec: Any) -> ModelConfig:
+    if isinstance(spec, (decoder.DecoderConfig, encoder.EncoderConfig)):
+        return spec
+    if isinstance(spec, str):
+        if spec not in MODELS:
+            raise ValueError(f"unknown model preset {spec!r}; presets: {sorted(MODELS)}")
+        return MODELS[spec]
+    d = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+    family = d.pop("family", "decoder")
+    if "preset" in d:
+        return dataclasses.replace(_model_from(d.pop("preset")), **d)
+    cls = {"decoder": decoder.DecoderConfig, "encoder": encoder.EncoderConfig}.get(family)
+    if cls is None:
+        raise ValueError(f"model.family must be 'decoder' or 'encoder', got {family!r}")
+    return cls(**d)
+
+
+def _lora_from(spec: Any) -> LoraXSConfig:
+    if isinstance(spec, LoraXSConfig):
+        return spec
+    return LoraXSConfig.from_dict(spec.to_dict() if hasattr(spec, "to_dict") else dict(spec))
+
+
+def plan_from_config(config: Any, devices: int | None = None, compile: bool = True) -> dict:
+    """``plan`` from an experiment config's ``model``, ``loraxs``, ``mesh``, ``batch_size``,
+    ``max_length`` (and optional ``remat``)."""
+    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+    return plan(_model_from(get("model")), _lora_from(get("loraxs")), get("mesh", {}),
+                int(get("batch_size", 8)), int(get("max_length", 512)), get("remat", None),
+                devices=devices, compile=compile)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from absl import flags
+    from ml_collections import config_dict, config_flags
+
+    fl = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "experiment config file", flag_values=fl)
+    flags.DEFINE_integer("devices", None, "devices the mesh spans (virtual CPU devices are "
+                         "created when the platform is CPU)", flag_values=fl)
+    flags.DEFINE_string("model", "mistral-7b", f"preset without --config: {sorted(MODELS)}",
+                        flag_values=fl)
+    flags.DEFINE_integer("rank", 64, "LoRA-XS rank without --config", flag_values=fl)
+    flags.DEFINE_integer("batch_size", 8, "global batch without --config", flag_values=fl)
+    flags.DEFINE_integer("max_length", 512, "tokens per example without --config",
+                         flag_values=fl)
+    for axis in sh.MESH_AXES:
+        flags.DEFINE_integer(axis, -1 if axis == "fsdp" else 1, f"mesh {axis} without --config",
+                             flag_values=fl)
+    flags.DEFINE_boolean("compile", True, "also compile and report memory_analysis()",
+                         flag_values=fl)
+    fl(argv if argv is not None else sys.argv)
+    if fl.config is not None:
+        return plan_from_config(fl.config, fl.devices, fl.compile)
+    model = _model_from(fl.model)
+    targets = DECODER_TARGETS if isinstance(model, decoder.DecoderConfig) else (
+        encoder.PAPER_TARGETS)
+    cfg = config_dict.ConfigDict({
+        "model": fl.model, "loraxs": {"rank": fl.rank, "alpha": float(fl.rank),
+                                      "targets": list(targets)},
+        "mesh": {a: getattr(fl, a) for a in sh.MESH_AXES},
+        "batch_size": fl.batch_size, "max_length": fl.max_length})
+    return plan_from_config(cfg, fl.devices, fl.compile)
+
+
+def _set_virtual_devices(argv: list[str]) -> None:
+    """``--devices=N`` on CPU: N virtual devices, set before JAX starts its backend."""
+    import os
+    for a in argv:
+        if a.startswith("--devices="):
+            n = a.split("=", 1)[1]
+            flags_ = os.environ.get("XLA_FLAGS", "")
+            if "xla_force_host_platform_device_count" not in flags_:
+                os.environ["XLA_FLAGS"] = (flags_ + f" --xla_force_host_platform_device_count={n}"
+                                           ).strip()
+
+
+if __name__ == "__main__":
+    _set_virtual_devices(sys.argv)
+    main()
