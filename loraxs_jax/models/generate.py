@@ -4,6 +4,10 @@ One jitted program: a prefill over the left-padded prompts fills the cache, then
 ``lax.while_loop`` feeds one token per step until ``max_new_tokens`` or until every row has emitted
 an EOS token. ``apply_fn`` is anything with ``model.apply``'s signature, so
 ``loraxs_jax.wrap(model.apply)`` generates with adapters in place.
+
+Throughput comes from the batch: a decode step costs nearly the same for 1 or 32 rows on CPU
+(SmolLM2-135M, 2 cores: ~37 tokens/s at batch 1, ~90-115 at batch 32-64). On CPU prefer
+``scan_layers=False`` for generation: the scanned loop slices every layer's weights each step.
 """
 
 from __future__ import annotations
