@@ -185,3 +185,11 @@ def test_eval_batches_cover_every_example_once(tokenizer_json, sst2_dev):
     assert weights.sum() == 872 and weights[872:].sum() == 0
     labels = np.concatenate([b["labels"] for b in batches])[:872]
     assert labels.tolist() == sst2_dev["label"]
+
+
+def test_hub_offline_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"could not load GLUE cola train from the hub .*"
+                                           r"offline, use source='assets'"):
+        glue.load_glue("cola", "train")  # "auto": the assets lack CoLA, so the hub is tried
