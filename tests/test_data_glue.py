@@ -193,3 +193,13 @@ def test_hub_offline_says_what_to_do(monkeypatch):
     with pytest.raises(RuntimeError, match=r"could not load GLUE cola train from the hub .*"
                                            r"offline, use source='assets'"):
         glue.load_glue("cola", "train")  # "auto": the assets lack CoLA, so the hub is tried
+
+
+def test_sentence_matching_respects_sentence_boundaries():
+    index = glue._SentenceIndex([glue.sst_key(s)[0] for s in ("bad . ", "it 's a gem . ")])
+    find = lambda text: index.find(*glue.sst_key(text))
+    assert find("Bad. But the rest works.") == ["bad"]
+    assert find("It's too bad it isn't longer.") == []  # "bad" inside a sentence
+    assert find("Badger movies are rare.") == []
+    assert find("Jirí's script -- it's a gem!") == ["itsagem"]
+    assert glue.sst_key("Naïve (sort of)")[0] == glue.sst_key("naive -lrb- sort of -rrb-")[0]

@@ -44,7 +44,7 @@ class GlueTask:
     name: str
     text_keys: tuple[str, ...]
     labels: tuple[str, ...] | None
-    metric: str  # the paper's metric: accuracy, matthews, f1/accuracy, pearson/spearman
+    metric: str  # Table 1's metric: matthews (CoLA), pearson (STS-B), accuracy (the rest)
 
     @property
     def num_labels(self) -> int:
@@ -55,7 +55,8 @@ GLUE_TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in (
         GlueTask("sst2", ("sentence",), ("negative", "positive"), "accuracy"),
-        GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), "f1"),
+        GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
+                 "accuracy"),
         GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), "matthews"),
         GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment"), "accuracy"),
         GlueTask("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), "accuracy"),
@@ -223,8 +224,9 @@ def sst_key(text: str) -> tuple[str, np.ndarray]:
     while the VADER snippets are raw ("it's", "doesn't", "(", quotes); both come from the same
     Pang & Lee Rotten Tomatoes snippets. Dropping everything but [a-z0-9] (after stripping
     accents) makes the two spellings identical. ``boundary[i]`` is True when a sentence may
-    start at key position i (snippet start, or .!?;: or a dash after the previous character),
-    so a short SST sentence such as "bad ." is not found inside "too bad it doesn't ...".
+    start at key position i (the text start, or after one of . ! ? ; : … – — --), and the
+    last entry (the text end) is True, so a short SST sentence such as "bad ." is not found
+    inside "too bad it doesn't ...".
     """
     text = text.lower().replace("-lrb-", "(").replace("-rrb-", ")")
     if not text.isascii():  # é -> e; other marks and symbols vanish below
