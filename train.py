@@ -56,7 +56,7 @@ def make_train_step(task, apply_fn: Callable, tx: optax.GradientTransformation, 
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         new = {"trainable": optax.apply_updates(state["trainable"], updates),
                "opt_state": opt_state, "step": state["step"] + 1}
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
     return jax.jit(train_step, donate_argnums=0)
 

@@ -1,0 +1,120 @@
+"""train.py / eval.py end to end on a tiny BERT with the real MiniLM tokenizer and real SST-2
+data: outputs, resume-after-kill exactness, NaN handling, methods, merged == unmerged eval."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import eval as evaluate_lib
+import loraxs_jax as lx
+import train
+from configs.minilm_sst2 import get_config
+from loraxs_jax.assets import asset_path
+from loraxs_jax.models.checkpoint import SafetensorsFile
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A tiny random BERT saved by transformers (PyTorch), with MiniLM's real tokenizer."""
+    torch = pytest.importorskip("torch")
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder, safe_serialization=True)
+    src = asset_path("minilm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, folder / name)
+    return folder
+
+
+def _config(folder, **over):
+    c = get_config("rank=4")
+    c.model.path = str(folder)
+    c.task.train_limit = 192
+    c.task.eval_limit = 96
+    c.batch_size = 16
+    c.num_train_steps = 6
+    c.eval_every_steps = 3
+    c.checkpoint_every_steps = 2
+    c.log_every_steps = 2
+    c.eval_batch_size = 48
+    for k, v in over.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def _r(path):
+    f = SafetensorsFile(path)
+    return {k: f.get(k) for k in f.keys()}
+
+
+def test_run_outputs_and_resume_after_kill_is_exact(tiny_bert, tmp_path):
+    full = train.train_and_evaluate(_config(tiny_bert), tmp_path / "full")
+    wd = tmp_path / "full"
+    for name in ("config.json", "metrics.jsonl", "summary.json", "adapter.safetensors",
+                 "adapter_best.safetensors", "plots/train_loss.png", "plots/eval_accuracy.png"):
+        assert (wd / name).exists(), name
+    assert list((wd / "tb").iterdir())
+    recs = train.read_metrics(wd)
+    assert [r["step"] for r in recs if r["split"] == "eval"] == [3, 6]
+    assert full["trainable_params"] == 4 * 4 * 4 * 2 and full["steps"] == 6
+    size = (wd / "adapter.safetensors").stat().st_size
+    assert size < 2048 + (32 * 2 + 2) * 4 + 128 * 4     # R + the 2-label mean head + header
+    assert full["best_accuracy"] >= full["final_accuracy"]
+
+    def kill_at_5(step, _):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(_config(tiny_bert), killed, hooks=[kill_at_5])
+    assert not (killed / "adapter.safetensors").exists()
+    resumed = train.train_and_evaluate(_config(tiny_bert), killed)      # restarts at step 4
+    assert resumed["steps"] == 6
+    a, b = _r(wd / "adapter.safetensors"), _r(killed / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_bert, tmp_path):
+    with pytest.raises(train.NonFiniteLoss, match=r"loss became (nan|inf).*last good checkpoint"):
+        train.train_and_evaluate(_config(tiny_bert, **{"optim.lr": 1e30, "optim.head_lr": 1e30,
+                                                       "num_train_steps": 8}), tmp_path / "nan")
+
+
+@pytest.mark.parametrize("method", ["lora", "head", "full"])
+def test_baseline_methods_train_on_the_same_machinery(tiny_bert, tmp_path, method):
+    s = train.train_and_evaluate(_config(tiny_bert, method=method, num_train_steps=2,
+                                         eval_every_steps=2), tmp_path / method)
+    expected = {"lora": 2 * (3 * 4 * (32 + 32) + 4 * (64 + 32)), "head": 0}.get(method)
+    if expected is not None:
+        assert s["trainable_params"] == expected
+    else:
+        assert s["trainable_params"] > 900_000          # every weight (embeddings included)
+    assert s["head_params"] == 66
+
+
+def test_eval_merged_equals_adapted(tiny_bert, tmp_path):
+    cfg = _config(tiny_bert, num_train_steps=3)
+    train.train_and_evaluate(cfg, tmp_path / "run")
+    scores = evaluate_lib.evaluate(cfg, str(tmp_path / "run" / "adapter.safetensors"), "both",
+                                   tmp_path / "eval")
+    assert scores["agree"]["difference"] == 0.0
+    saved = json.loads((tmp_path / "eval" / "scores_merged.json").read_text())
+    assert saved["accuracy"] == scores["merged"]["accuracy"]
+    info = lx.adapter_info(tmp_path / "run" / "adapter.safetensors")
+    assert info["config"].rank == 4
+    with pytest.raises(ValueError, match="needs --adapter"):
+        evaluate_lib.evaluate(cfg, None, "merged")
