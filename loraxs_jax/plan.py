@@ -39,7 +39,7 @@ from loraxs_jax import sharding as sh
 from loraxs_jax.config import LoraXSConfig
 from loraxs_jax.models import decoder, encoder
 from loraxs_jax.optim import combine, split
-from loraxs_jax.transform import apply, count, flatten, leaf_role
+from loraxs_jax.transform import adapter_key, count, find_targets, flatten, leaf_role, unflatten
 
 ModelConfig = decoder.DecoderConfig | encoder.EncoderConfig
 
@@ -107,6 +107,24 @@ def _model_fns(model_config: ModelConfig):
     raise TypeError(f"plan needs a DecoderConfig or EncoderConfig, got {type(model_config)}")
 
 
+def adapted_shapes(shapes: Mapping, lora_cfg: LoraXSConfig) -> dict:
+    """``jax.eval_shape(lambda p: apply(p, lora_cfg), shapes)`` without tracing the SVDs: the
+    A (*stack, *in, r), B (*stack, r, *out), R (*stack, r, r), scale (*stack,) leaves of each
+    target as ``jax.ShapeDtypeStruct``s (tested equal to the traced version)."""
+    flat = dict(flatten(shapes))
+    for t in find_targets(shapes, lora_cfg):
+        kernel = flat[t.path]
+        bases = jnp.dtype(lora_cfg.bases_dtype) if lora_cfg.bases_dtype else kernel.dtype
+        *parent, leaf = t.path
+        for role, shape, dtype in (
+                ("A", t.stack + t.in_dims + (t.rank,), bases),
+                ("B", t.stack + (t.rank,) + t.out_dims, bases),
+                ("R", t.stack + (t.rank, t.rank), jnp.dtype(lora_cfg.r_dtype)),
+                ("scale", t.stack, jnp.float32)):
+            flat[(*parent, adapter_key(str(leaf), role))] = jax.ShapeDtypeStruct(shape, dtype)
+    return unflatten(flat, {})
+
+
 def _activation_bytes(loss, trainable, frozen, batch) -> int:
     """Bytes of the residuals the backward pass of d loss / d trainable keeps, excluding the
     arguments themselves (params, batch): the activations."""
@@ -116,8 +134,9 @@ def _activation_bytes(loss, trainable, frozen, batch) -> int:
         return loss(combine(t, jax.lax.stop_gradient(fz)), b)
 
     res = saved_residuals(f, trainable, frozen, batch)
-    return sum(_nbytes(aval) for aval, why in res if not why.startswith("from the argument")
-               and hasattr(aval, "shape"))
+    # the frozen weights show up as arguments or as the stop_gradient of one: not activations
+    return sum(_nbytes(aval) for aval, why in res if hasattr(aval, "shape") and not (
+        why.startswith("from the argument") or why.startswith("output of stop_gradient")))
 
 
 def _abstract_mesh(sizes: Mapping[str, int]) -> jax.sharding.AbstractMesh:
@@ -127,8 +146,8 @@ def _abstract_mesh(sizes: Mapping[str, int]) -> jax.sharding.AbstractMesh:
 
 def plan(model_config: ModelConfig, lora_cfg: LoraXSConfig, mesh_cfg: Any, batch_size: int,
          seq_len: int, remat: bool | None = None, *, devices: int | None = None,
-         compile: bool = True, rules=sh.DEFAULT_RULES, learning_rate: float = 1e-4,
-         print_table: bool = True) -> dict:
+         compile: bool = True, activations: bool = True, rules=sh.DEFAULT_RULES,
+         learning_rate: float = 1e-4, print_table: bool = True) -> dict:
     """Per-device memory of training ``lora_cfg`` on ``model_config`` over ``mesh_cfg``.
 
     Args:
@@ -140,6 +159,8 @@ def plan(model_config: ModelConfig, lora_cfg: LoraXSConfig, mesh_cfg: Any, batch
       devices: devices the mesh spans (default: ``jax.device_count()``); need not exist.
       compile: also compile the sharded train step and report ``memory_analysis()`` when the
         mesh's devices exist here.
+      activations: trace the backward pass for the activation sizes (a 7B model takes ~10 s
+        per trace); False reports 0.
     Returns:
       {'mesh': sizes, 'counts': parameter counts, 'total_bytes': {...}, 'per_device_bytes':
       {'base_params', 'bases', 'R', 'opt_state', 'activations_no_remat', 'activations_remat'},
@@ -151,7 +172,7 @@ def plan(model_config: ModelConfig, lora_cfg: LoraXSConfig, mesh_cfg: Any, batch
     mesh = sh.make_mesh(mesh_cfg) if real else _abstract_mesh(sizes)
     shapes, axes, loss, batch_fn, with_remat = _model_fns(model_config)
     base_sh = sh.param_shardings(shapes, axes, mesh, rules)
-    adapted = jax.eval_shape(lambda p: apply(p, lora_cfg, 0), shapes)
+    adapted = adapted_shapes(shapes, lora_cfg)
     all_sh = sh.adapted_shardings(adapted, base_sh)
     trainable, frozen = split(adapted, lora_cfg)
     tx = optax.adamw(learning_rate)
@@ -173,8 +194,8 @@ def plan(model_config: ModelConfig, lora_cfg: LoraXSConfig, mesh_cfg: Any, batch
     batch = batch_fn(batch_size, seq_len)
     sh.process_batch_slice(batch_size, mesh)   # raises if data*fsdp does not divide the batch
     ways = sizes["data"] * sizes["fsdp"]
-    acts = {}
-    for on in (False, True):
+    acts = {False: 0, True: 0}
+    for on in (False, True) if activations else ():
         _, _, loss_on, _, _ = _model_fns(with_remat(model_config, on))
         acts[on] = _activation_bytes(loss_on, trainable, frozen, batch)
 
@@ -213,7 +234,7 @@ def _compiled_memory(model_config, lora_cfg, mesh, rules, learning_rate, batch) 
     """XLA's per-device memory of the compiled, sharded train step (abstract inputs)."""
     shapes, axes, loss, _, _ = _model_fns(model_config)
     base_sh = sh.param_shardings(shapes, axes, mesh, rules)
-    adapted = jax.eval_shape(lambda p: apply(p, lora_cfg, 0), shapes)
+    adapted = adapted_shapes(shapes, lora_cfg)
     all_sh = sh.adapted_shardings(adapted, base_sh)
     trainable, frozen = split(adapted, lora_cfg)
     tx = optax.adamw(learning_rate)
