@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import loraxs_jax
@@ -67,7 +68,13 @@ def lora_specs(params: Mapping, cfg: loraxs_jax.LoraXSConfig, with_r: bool = Fal
 def our_adapter_bytes(abstract_params: Mapping, cfg: loraxs_jax.LoraXSConfig, folder: Path
                       ) -> dict:
     """Write our adapter for ``cfg`` on a base known only by shapes; return its sizes."""
-    adapted = jax.eval_shape(lambda p: loraxs_jax.apply(p, cfg, 0), abstract_params)
+    def adapt(p):      # the SVD would only be traced for shapes: give apply zero bases instead
+        bases = {t.name: (jnp.zeros(t.stack + t.in_dims + (t.rank,)),
+                          jnp.zeros(t.stack + (t.rank,) + t.out_dims))
+                 for t in find_targets(p, cfg)}
+        return loraxs_jax.apply(p, cfg, 0, bases=bases)
+
+    adapted = jax.eval_shape(adapt, abstract_params)
     flat = {p: (np.zeros(v.shape, v.dtype) if leaf_role(p[-1]) and leaf_role(p[-1])[1] == "R"
                 else v) for p, v in flatten(adapted).items()}
     path = loraxs_jax.save_adapter(folder / f"r{cfg.rank}", unflatten(flat, {}), cfg,
@@ -92,9 +99,9 @@ def sizes(abstract_params: Mapping, ranks, targets, folder: Path) -> list[dict]:
     return rows
 
 
-def mistral_7b_config() -> dec.DecoderConfig:
+def mistral_7b_config(layers: int = 32) -> dec.DecoderConfig:
     return dec.DecoderConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                             num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                             num_layers=layers, num_heads=32, num_kv_heads=8, head_dim=128,
                              max_position_embeddings=32768, sliding_window=4096,
                              rope_theta=10000.0, model_type="mistral")
 
@@ -115,8 +122,9 @@ def run(smoke: bool = False) -> dict:
     models["RoBERTa-large (paper GLUE targets)"] = (
         abstract_encoder(enc.roberta_large_config()), (4,) if smoke else PAPER_RANKS,
         common.ENCODER_TARGETS)
-    models["Mistral-7B (q,k,v,o,gate,up,down)"] = (dec.param_shapes(mistral_7b_config()), (64,),
-                                                   common.DECODER_TARGETS)
+    mistral = mistral_7b_config(2 if smoke else 32)
+    models[f"Mistral-7B ({mistral.num_layers} layers; q,k,v,o,gate,up,down)"] = (
+        dec.param_shapes(mistral), (64,), common.DECODER_TARGETS)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (params, ranks, targets) in models.items():

@@ -16,10 +16,14 @@ import numpy as np
 
 import loraxs_jax
 from benchmarks import common
+from loraxs_jax.transform import flatten, unflatten
 
 
-def merge_time(params, cfg: loraxs_jax.LoraXSConfig, reps: int) -> dict:
+def merge_time(params, cfg: loraxs_jax.LoraXSConfig, reps: int, r_gain: float = 1.0) -> dict:
+    """Merge time; R is scaled by ``r_gain`` (1e3: std 1e-2) so the merge is not a no-op."""
     adapted = loraxs_jax.apply(params, cfg, 0)
+    adapted = unflatten({p: v * r_gain if str(p[-1]).endswith("_loraxs_R") else v
+                         for p, v in flatten(adapted).items()}, {})
     merged, first = common.timed(lambda: loraxs_jax.merge(adapted))
     warm = common.interleaved({"merge": lambda: loraxs_jax.merge(adapted)}, reps, warmup=0)
     counts = loraxs_jax.count(adapted, cfg)
@@ -29,8 +33,7 @@ def merge_time(params, cfg: loraxs_jax.LoraXSConfig, reps: int) -> dict:
 
 
 def eval_times(s: common.Setup, reps: int) -> dict:
-    cfg = s.loraxs_config(r_std=1e-2)      # visibly non-zero R so merged ≠ base
-    merge, adapted, merged = merge_time(s.params, cfg, reps)
+    merge, adapted, merged = merge_time(s.params, s.loraxs_config(), reps, r_gain=1e3)
     base = common.eval_step(s, s.model.apply, s.params)
     steps = {"base": base,
              "merged": common.Step(base.compiled, (merged, s.batch), 0),

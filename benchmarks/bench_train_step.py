@@ -68,9 +68,9 @@ compiler, so it says nothing per step and is not reported). FLOPs from XLA cost_
 
 def run(smoke: bool = False, reps: int | None = None, with_minilm: bool = True) -> dict:
     reps = reps or (3 if smoke else 7)
-    setups = [common.llama_small(smoke), common.bert_small(smoke)]
+    setups = [common.llama_small(True)] if smoke else [common.llama_small(), common.bert_small()]
     if with_minilm and not smoke and common.have_asset("minilm"):
-        setups.append(common.minilm())
+        setups.append(common.minilm(batch=8))
     results = {}
     for s in setups:
         results[s.name] = measure(s, reps)

@@ -88,12 +88,18 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_result(name: str, data: dict, tables: str, smoke: bool, out_dir: Path | None = None
-                 ) -> Path:
-    """``<name>.json`` (data + machine) and ``<name>.md`` (title, machine line, tables);
-    smoke runs go to ``results/smoke/`` so they never overwrite the real numbers."""
-    out_dir = Path(out_dir) if out_dir else (RESULTS / "smoke" if smoke else RESULTS)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def results_dir(smoke: bool) -> Path:
+    """``$LORAXS_BENCH_RESULTS`` if set (tests), else ``benchmarks/results`` (``/smoke`` for
+    smoke runs, so they never overwrite the real numbers)."""
+    root = Path(os.environ.get("LORAXS_BENCH_RESULTS") or RESULTS)
+    out = root / "smoke" if smoke else root
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_result(name: str, data: dict, tables: str, smoke: bool) -> Path:
+    """``<name>.json`` (data + machine) and ``<name>.md`` (title, machine line, tables)."""
+    out_dir = results_dir(smoke)
     m = machine()
     payload = {"benchmark": name, "smoke": smoke, "machine": m, **data}
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
@@ -282,15 +288,15 @@ def _tokens(key, batch: int, seq: int, vocab: int, kind: str) -> dict:
 
 
 @functools.cache
-def llama_small(smoke: bool = False, batch: int = 8, seq: int = 128, rank: int = 16) -> Setup:
+def llama_small(smoke: bool = False, batch: int = 4, seq: int = 128, rank: int = 16) -> Setup:
     """A small Llama-family decoder (GQA, SwiGLU, RoPE), random weights; the seven LLM targets
     of the paper (q, k, v, o, gate, up, down), α = 2r as the commonsense setup."""
     if smoke:
-        c = dec.DecoderConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+        c = dec.DecoderConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1,
                               num_heads=4, num_kv_heads=2, head_dim=16)
         batch, seq, rank = 2, 16, min(rank, 4)
     else:
-        c = dec.DecoderConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376,
+        c = dec.DecoderConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376,
                               num_layers=4, num_heads=8, num_kv_heads=4, head_dim=64)
     params = dec.init_params(c, jax.random.key(0))
     desc = (f"Llama-family decoder H={c.hidden_size} I={c.intermediate_size} L={c.num_layers} "
@@ -301,10 +307,10 @@ def llama_small(smoke: bool = False, batch: int = 8, seq: int = 128, rank: int =
 
 
 @functools.cache
-def bert_small(smoke: bool = False, batch: int = 16, seq: int = 128, rank: int = 16) -> Setup:
+def bert_small(smoke: bool = False, batch: int = 4, seq: int = 128, rank: int = 16) -> Setup:
     """A BERT-family encoder, random weights, the paper's GLUE targets, α = 16."""
     if smoke:
-        c = enc.EncoderConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+        c = enc.EncoderConfig(vocab_size=256, hidden_size=64, num_layers=1, num_heads=4,
                               intermediate_size=128, max_positions=64)
         batch, seq, rank = 2, 16, min(rank, 4)
     else:
@@ -377,13 +383,16 @@ _STEPS: dict[tuple, Step] = {}
 
 
 def train_steps(s: Setup, methods: Sequence[str] = METHODS, rank: int | None = None,
-                lr: float = 1e-3) -> dict[str, Step]:
+                lr: float = 1e-3, bases: Mapping | None = None) -> dict[str, Step]:
     """Compiled train steps on the same model and batch.
 
     floor:  forward + backward to the embedding output, weights frozen, no optimizer.
     loraxs: gradient w.r.t. R only (``split``), AdamW on R.
     lora:   gradient w.r.t. LoRA A, B only, AdamW on them (same targets, same rank).
     full:   gradient w.r.t. every param, AdamW on all.
+
+    ``bases``: precomputed LoRA-XS bases {kernel path: (A, B)} (e.g. sliced from a higher-rank
+    exact SVD, to sweep ranks without an SVD per rank).
     """
     rank = rank or s.rank
     tx = optax.adamw(lr)
@@ -406,7 +415,7 @@ def train_steps(s: Setup, methods: Sequence[str] = METHODS, rank: int | None = N
         else:
             if m == "loraxs":
                 cfg = s.loraxs_config(rank)
-                t, f = loraxs_jax.split(loraxs_jax.apply(s.params, cfg, 0), cfg)
+                t, f = loraxs_jax.split(loraxs_jax.apply(s.params, cfg, 0, bases=bases), cfg)
                 fn = _optimizer_step(loss(loraxs_jax.wrap(s.model.apply)), tx)
             elif m == "lora":
                 t, f = lora_split(lora_apply(s.params, s.targets, rank, s.alpha, 0))

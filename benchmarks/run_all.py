@@ -69,7 +69,7 @@ def run(smoke: bool = False, only: list[str] | None = None) -> dict:
         results[n] = BENCHMARKS[n](smoke=smoke)
         took[n] = time.perf_counter() - t
         print(f"[run_all] {n}: {took[n]:.0f} s -> {results[n]['path']}", flush=True)
-    out = common.RESULTS / "smoke" if smoke else common.RESULTS
+    out = common.results_dir(smoke)
     m = common.machine()
     parts = [f"# Benchmark results{' (smoke)' if smoke else ''}\n",
              f"Latest `python -m benchmarks.run_all{' --smoke' if smoke else ''}`: {m['date_utc']}, "
