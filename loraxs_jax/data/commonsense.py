@@ -173,9 +173,12 @@ def _requests(path: pathlib.Path) -> dict[str, Any]:
             return json.load(fh)
     scan = _scan_requests(path)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-    with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as fh:
-        json.dump(scan, fh)
-    os.replace(tmp, cached)
+    try:
+        with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as fh:
+            json.dump(scan, fh)
+        os.replace(tmp, cached)
+    except OSError as e:  # a read-only cache still works, only slower
+        log.warning("could not write %s (%s); the next load will scan %s again", cached, e, path)
     return scan
 
 
