@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import loraxs_jax
-from loraxs_jax.models.decoder import DecoderConfig, DecoderForCausalLM, init_params
+from loraxs_jax.models.decoder import DecoderConfig, DecoderForCausalLM, init_params, param_shapes
 from loraxs_jax.models.generate import generate, sample_logits
 
 CONFIG = DecoderConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -23,6 +23,12 @@ def params():
     # Large weights so greedy continuations vary instead of repeating one token.
     return jax.tree.map(lambda x: 8 * x if x.ndim == 2 else x,
                         init_params(CONFIG, jax.random.key(1)))
+
+
+def test_init_params_gives_plain_arrays_of_the_declared_shapes(params):
+    got = jax.tree.map(lambda x: (isinstance(x, jax.Array), x.shape, x.dtype), params)
+    want = jax.tree.map(lambda x: (True, x.shape, x.dtype), param_shapes(CONFIG))
+    assert got == want
 
 
 def _prompts():
