@@ -6,6 +6,9 @@ can be overridden on the command line: ``--config.optim.lr=2e-3``.
 
 import ml_collections
 
+# The seven projections the paper adapts in decoders (q, k, v, o, gate, up, down).
+DECODER_TARGETS = (r"self_attn/(q|k|v|o)_proj/kernel$", r"mlp/(gate|up|down)_proj/kernel$")
+
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -42,6 +45,9 @@ def base() -> ml_collections.ConfigDict:
     c.task.eval_source = "auto"
     c.task.max_length = 128      # tokens per example (prompt + answer for causal LMs)
     c.task.train_limit = 0       # use only the first N training examples (0 = all)
+    c.task.tasks = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy",
+                    "arc_challenge", "obqa")   # commonsense: training mixture and eval tasks
+    c.task.eval_sets = ("gsm8k", "math")        # math: generative evaluations
     c.task.eval_limit = 0        # evaluate on the first N examples (0 = all)
 
     c.optim = ml_collections.ConfigDict()
@@ -74,4 +80,17 @@ def base() -> ml_collections.ConfigDict:
     c.mesh.data = -1             # data-parallel axis size (-1 = fill the remaining devices)
     c.mesh.fsdp = 1              # fully-sharded-data-parallel axis size
     c.mesh.tensor = 1            # tensor-parallel axis size
+    return c
+
+
+def decoder_base(path: str, rank: int, alpha: float) -> ml_collections.ConfigDict:
+    """A causal-LM experiment: the seven decoder targets, no head, bf16 by default."""
+    c = base()
+    c.model.kind = "decoder"
+    c.model.path = path
+    c.model.dtype = c.model.param_dtype = "bfloat16"
+    c.loraxs.rank, c.loraxs.alpha = rank, alpha
+    c.loraxs.targets = DECODER_TARGETS
+    c.loraxs.bases_dtype = "bfloat16"
+    c.eval_every_steps = 0
     return c
