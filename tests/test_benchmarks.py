@@ -98,12 +98,12 @@ def test_adapter_size_sane(smoke):
 
 def test_adapter_file_is_r2_count_4_plus_header(tmp_path):
     s = common.llama_small(True)
-    cfg = s.loraxs_config(3)
+    cfg = s.loraxs_config(4)
     sizes = bench_adapter_size.our_adapter_bytes(
         jax.eval_shape(lambda: s.params), cfg, tmp_path)
-    data = (tmp_path / "r3.safetensors").read_bytes()
+    data = (tmp_path / "r4.safetensors").read_bytes()
     (head_len,) = struct.unpack("<Q", data[:8])
-    assert len(data) == 8 + head_len + 7 * 9 * 4 == sizes["file_bytes"]
+    assert len(data) == 8 + head_len + 7 * 16 * 4 == sizes["file_bytes"]
     # and the real thing, written from concrete adapted params, has the same size
     real = loraxs_jax.save_adapter(tmp_path / "real", loraxs_jax.apply(s.params, cfg, 0), cfg,
                                    base_fingerprint="0" * 32)
@@ -157,9 +157,10 @@ def test_lora_baseline_against_numpy():
     s = common.llama_small(True)
     lora = common.lora_apply(s.params, s.targets, 4, 8.0, 0)
     ids = s.batch["input_ids"]
-    base = np.asarray(s.model.apply({"params": s.params}, ids))
-    np.testing.assert_allclose(np.asarray(common.lora_wrap(s.model.apply)({"params": lora}, ids)),
-                               base, atol=1e-6)                       # B = 0: LoRA starts at W
+    plain_fwd, lora_fwd = jax.jit(s.model.apply), jax.jit(common.lora_wrap(s.model.apply))
+    base = np.asarray(plain_fwd({"params": s.params}, ids))
+    np.testing.assert_allclose(np.asarray(lora_fwd({"params": lora}, ids)), base,
+                               atol=1e-6)                             # B = 0: LoRA starts at W
     flat = loraxs_jax.transform.flatten(lora)
     rng = np.random.default_rng(1)
     merged = {}
@@ -172,8 +173,8 @@ def test_lora_baseline_against_numpy():
             merged[(*p[:-1], "kernel")] = w + (8.0 / 4) * a @ b    # W + (α/r)·A·B in numpy
     plain = {p: v for p, v in flat.items() if "_lora_" not in p[-1]}
     plain.update(merged)
-    want = s.model.apply({"params": loraxs_jax.transform.unflatten(plain, {})}, ids)
-    got = common.lora_wrap(s.model.apply)({"params": loraxs_jax.transform.unflatten(flat, {})}, ids)
+    want = plain_fwd({"params": loraxs_jax.transform.unflatten(plain, {})}, ids)
+    got = lora_fwd({"params": loraxs_jax.transform.unflatten(flat, {})}, ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=2e-4)
     with pytest.raises(ValueError, match="matched no 2-D kernel"):
         common.lora_apply(s.params, ("nothing_here",), 4, 8.0)
