@@ -12,20 +12,16 @@ lists), counted without the params they close over. Where the mesh fits on the d
 (``--devices`` virtual CPU devices), the sharded train step is also compiled and XLA's
 ``memory_analysis()`` (arguments, outputs, temporaries per device) is reported.
 
-Config fields read (an ml_collections file with ``get_config(arg)``):
-  model       a DecoderConfig/EncoderConfig, a preset name from ``MODELS`` (e.g. "mistral-7b"),
-              or a mapping with ``family`` ("decoder"/"encoder") and the config's fields;
-  loraxs      a LoraXSConfig or a mapping of its fields;
-  mesh        data, fsdp, tensor (one may be -1: fill the devices);
-  batch_size  global examples per step;
-  max_length  tokens per example;
-  remat       optional; both with and without remat are reported regardless.
+The config is an experiment file (``configs/*.py``, fields of ``configs/base.py``); see
+:func:`plan_from_config` for the fields read. Architectures come from ``models.configs`` for the
+paper's hub ids, or from a local folder's config.json: no weights, no network.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -43,19 +39,10 @@ from loraxs_jax.transform import adapter_key, count, find_targets, flatten, leaf
 
 ModelConfig = decoder.DecoderConfig | encoder.EncoderConfig
 
-# Shapes of the paper's larger models, for planning without their config files.
-MODELS: dict[str, ModelConfig] = {
-    "mistral-7b": decoder.DecoderConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=1e6,
-        max_position_embeddings=32768, model_type="mistral", dtype="bfloat16",
-        param_dtype="bfloat16"),
-    "llama2-7b": decoder.DecoderConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-        num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, model_type="llama",
-        dtype="bfloat16", param_dtype="bfloat16"),
-    "roberta-large": encoder.roberta_large_config(),
-}
+# Hub ids of the paper's models -> architectures written out in ``models.configs`` (no hub).
+PRESETS = {"mistralai/Mistral-7B-v0.1": "mistral-7b", "meta-llama/Llama-2-7b-hf": "llama2-7b",
+           "meta-llama/Meta-Llama-3-8B": "llama3-8b", "google/gemma-7b": "gemma-7b",
+           "FacebookAI/roberta-large": "roberta-large", "roberta-large": "roberta-large"}
 # Every projection of a decoder layer (the paper's math/commonsense setting: 7 per layer).
 DECODER_TARGETS = (r"(q|k|v|o|gate|up|down)_proj/kernel$",)
 
@@ -170,15 +157,10 @@ def plan(model_config: ModelConfig, lora_cfg: LoraXSConfig, mesh_cfg: Any, batch
     sizes = sh.mesh_shape(mesh_cfg, n_dev)
     real = compile and n_dev == jax.device_count()
     mesh = sh.make_mesh(mesh_cfg) if real else _abstract_mesh(sizes)
-    shapes, axes, loss, batch_fn, with_remat = _model_fns(model_config)
-    base_sh = sh.param_shardings(shapes, axes, mesh, rules)
-    adapted = adapted_shapes(shapes, lora_cfg)
-    all_sh = sh.adapted_shardings(adapted, base_sh)
-    trainable, frozen = split(adapted, lora_cfg)
-    tx = optax.adamw(learning_rate)
-    opt = jax.eval_shape(tx.init, trainable)
-    t_sh = sh.subtree_shardings(all_sh, trainable)
-    opt_sh = sh.opt_state_shardings(tx, opt, t_sh, mesh)
+    _, _, _, batch_fn, with_remat = _model_fns(model_config)
+    adapted, all_sh, trainable, frozen, state, state_sh, _ = _layout(
+        model_config, lora_cfg, mesh, rules, learning_rate)
+    opt, opt_sh = state["opt"], state_sh["opt"]
 
     def part(keep):
         return {p: v for p, v in flatten(adapted).items() if keep(leaf_role(p[-1]))}
@@ -230,17 +212,27 @@ def plan(model_config: ModelConfig, lora_cfg: LoraXSConfig, mesh_cfg: Any, batch
     return result
 
 
-def _compiled_memory(model_config, lora_cfg, mesh, rules, learning_rate, batch) -> dict:
-    """XLA's per-device memory of the compiled, sharded train step (abstract inputs)."""
-    shapes, axes, loss, _, _ = _model_fns(model_config)
+def _layout(model_config, lora_cfg, mesh, rules, learning_rate):
+    """Abstract adapted params, their shardings, the split, and the train state {params: the
+    trainable half, opt: AdamW's state} with its shardings; and the optimizer."""
+    shapes, axes, _, _, _ = _model_fns(model_config)
     base_sh = sh.param_shardings(shapes, axes, mesh, rules)
     adapted = adapted_shapes(shapes, lora_cfg)
     all_sh = sh.adapted_shardings(adapted, base_sh)
     trainable, frozen = split(adapted, lora_cfg)
     tx = optax.adamw(learning_rate)
-    t_sh, f_sh = sh.subtree_shardings(all_sh, trainable), sh.subtree_shardings(all_sh, frozen)
+    t_sh = sh.subtree_shardings(all_sh, trainable)
     state = {"params": trainable, "opt": jax.eval_shape(tx.init, trainable)}
     state_sh = {"params": t_sh, "opt": sh.opt_state_shardings(tx, state["opt"], t_sh, mesh)}
+    return adapted, all_sh, trainable, frozen, state, state_sh, tx
+
+
+def _compiled_memory(model_config, lora_cfg, mesh, rules, learning_rate, batch) -> dict:
+    """XLA's per-device memory of the compiled, sharded train step (abstract inputs)."""
+    _, _, loss, _, _ = _model_fns(model_config)
+    _, all_sh, _, frozen, state, state_sh, tx = _layout(model_config, lora_cfg, mesh, rules,
+                                                        learning_rate)
+    f_sh = sh.subtree_shardings(all_sh, frozen)
 
     def step(state, frozen, batch):
         value, grads = jax.value_and_grad(lambda t: loss(combine(t, frozen), batch))(
@@ -295,36 +287,85 @@ def format_table(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _model_from(spec: Any) -> ModelConfig:
-    if isinstance(spec, (decoder.DecoderConfig, encoder.EncoderConfig)):
-        return spec
-    if isinstance(spec, str):
-        if spec not in MODELS:
-            raise ValueError(f"unknown model preset {spec!r}; presets: {sorted(MODELS)}")
-        return MODELS[spec]
-    d = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
-    family = d.pop("family", "decoder")
-    if "preset" in d:
-        return dataclasses.replace(_model_from(d.pop("preset")), **d)
-    cls = {"decoder": decoder.DecoderConfig, "encoder": encoder.EncoderConfig}.get(family)
-    if cls is None:
-        raise ValueError(f"model.family must be 'decoder' or 'encoder', got {family!r}")
-    return cls(**d)
+def model_config(name_or_path: str, kind: str = "decoder", **options: Any) -> ModelConfig:
+    """The architecture of a preset ("mistral-7b", "roberta-large"), a hub id of the paper's
+    models (``PRESETS``), an "asset:NAME" or a local folder (its config.json; no weights are
+    read). ``options`` set DecoderConfig/EncoderConfig fields (dtype, scan_layers, ...)."""
+    from loraxs_jax.models.configs import PAPER_CONFIGS
+
+    name = PRESETS.get(name_or_path, name_or_path)
+    if name in PAPER_CONFIGS:
+        return decoder.DecoderConfig.from_hf(PAPER_CONFIGS[name](), **options)
+    if name == "roberta-large":
+        return encoder.roberta_large_config(**options)
+    path = name_or_path
+    if path.startswith("asset:"):
+        from loraxs_jax.assets import asset_path
+        path = str(asset_path(path.split(":", 1)[1]))
+    if not (os.path.isdir(path) or path.endswith(".json")):
+        raise ValueError(f"plan cannot get the architecture of {name_or_path!r} offline: give a "
+                         f"preset ({sorted(PAPER_CONFIGS) + ['roberta-large']}), one of "
+                         f"{sorted(PRESETS)}, asset:NAME or a local folder with config.json")
+    from transformers import AutoConfig
+    hf = AutoConfig.from_pretrained(path)
+    if kind == "encoder":
+        return encoder.EncoderConfig.from_hf(hf, **options)
+    return decoder.DecoderConfig.from_hf(hf, **options)
 
 
-def _lora_from(spec: Any) -> LoraXSConfig:
+def _get(section: Any, key: str, default: Any = None) -> Any:
+    if section is None:
+        return default
+    if isinstance(section, Mapping) or hasattr(section, "get"):
+        return section.get(key, default)
+    return getattr(section, key, default)
+
+
+def _model_from(config: Any) -> ModelConfig:
+    m = _get(config, "model")
+    if isinstance(m, (decoder.DecoderConfig, encoder.EncoderConfig)):
+        return m
+    if isinstance(m, str):
+        return model_config(m, dtype="bfloat16", param_dtype="bfloat16")
+    kind = _get(m, "kind", "decoder")
+    if kind not in ("decoder", "encoder"):
+        raise ValueError(f"config.model.kind must be 'decoder' or 'encoder', got {kind!r}")
+    options = {k: _get(m, k) for k in ("dtype", "param_dtype", "scan_layers")
+               if _get(m, k) is not None}
+    return model_config(_get(m, "path"), kind, **options)
+
+
+def _lora_from(config: Any, model: ModelConfig) -> LoraXSConfig:
+    spec = _get(config, "loraxs")
     if isinstance(spec, LoraXSConfig):
         return spec
-    return LoraXSConfig.from_dict(spec.to_dict() if hasattr(spec, "to_dict") else dict(spec))
+    d = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+    known = {f.name for f in dataclasses.fields(LoraXSConfig)}
+    d = {k: v for k, v in d.items() if k in known}
+    d["bases_dtype"] = d.get("bases_dtype") or None
+    d.setdefault("stacked_axes", 1 if model.scan_layers else 0)
+    return LoraXSConfig.from_dict(d)
 
 
 def plan_from_config(config: Any, devices: int | None = None, compile: bool = True) -> dict:
-    """``plan`` from an experiment config's ``model``, ``loraxs``, ``mesh``, ``batch_size``,
-    ``max_length`` (and optional ``remat``)."""
-    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
-    return plan(_model_from(get("model")), _lora_from(get("loraxs")), get("mesh", {}),
-                int(get("batch_size", 8)), int(get("max_length", 512)), get("remat", None),
-                devices=devices, compile=compile)
+    """``plan`` for an experiment config (``configs/base.py`` fields):
+
+    ``model``: ``kind`` ("decoder"/"encoder"), ``path`` (a hub id of ``PRESETS``, a preset
+    name, "asset:NAME" or a local HF folder), ``dtype``, ``param_dtype``, ``scan_layers``,
+    ``remat`` (marked in the table); or a DecoderConfig/EncoderConfig or preset name.
+    ``loraxs``: LoraXSConfig fields (``bases_dtype`` "" = the kernel's; ``stacked_axes`` follows
+    ``scan_layers``). ``mesh``: data, fsdp, tensor. ``batch_size`` / ``optim.grad_accum``: the
+    micro-batch one step holds activations for. ``task.max_length`` (or ``max_length``):
+    tokens per example.
+    """
+    model = _model_from(config)
+    accum = int(_get(_get(config, "optim"), "grad_accum", 1) or 1)
+    batch = int(_get(config, "batch_size", 8)) // accum
+    seq = _get(config, "max_length") or _get(_get(config, "task"), "max_length", 512)
+    remat = _get(_get(config, "model"), "remat", None)
+    remat = None if remat is None else remat not in ("none", False)
+    return plan(model, _lora_from(config, model), _get(config, "mesh", {}), batch, int(seq),
+                remat, devices=devices, compile=compile)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -335,8 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
     config_flags.DEFINE_config_file("config", None, "experiment config file", flag_values=fl)
     flags.DEFINE_integer("devices", None, "devices the mesh spans (virtual CPU devices are "
                          "created when the platform is CPU)", flag_values=fl)
-    flags.DEFINE_string("model", "mistral-7b", f"preset without --config: {sorted(MODELS)}",
-                        flag_values=fl)
+    flags.DEFINE_string("model", "mistral-7b", "preset or hub id without --config "
+                        "(see PRESETS)", flag_values=fl)
     flags.DEFINE_integer("rank", 64, "LoRA-XS rank without --config", flag_values=fl)
     flags.DEFINE_integer("batch_size", 8, "global batch without --config", flag_values=fl)
     flags.DEFINE_integer("max_length", 512, "tokens per example without --config",
@@ -349,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
     fl(argv if argv is not None else sys.argv)
     if fl.config is not None:
         return plan_from_config(fl.config, fl.devices, fl.compile)
-    model = _model_from(fl.model)
+    model = _model_from({"model": fl.model})
     targets = DECODER_TARGETS if isinstance(model, decoder.DecoderConfig) else (
         encoder.PAPER_TARGETS)
     cfg = config_dict.ConfigDict({
@@ -362,7 +403,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _set_virtual_devices(argv: list[str]) -> None:
     """``--devices=N`` on CPU: N virtual devices, set before JAX starts its backend."""
-    import os
     for a in argv:
         if a.startswith("--devices="):
             n = a.split("=", 1)[1]

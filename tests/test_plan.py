@@ -1,5 +1,6 @@
 """plan: memory per device from shapes (Mistral-7B without weights), and the CLI."""
 
+import json
 import sys
 import textwrap
 
@@ -19,7 +20,8 @@ TINY_LORA = LoraXSConfig(rank=4, targets=pl.DECODER_TARGETS, stacked_axes=1)
 
 def test_mistral_7b_r64_on_fsdp8():
     lora = LoraXSConfig(rank=64, alpha=64.0, targets=pl.DECODER_TARGETS)
-    r = pl.plan(pl.MODELS["mistral-7b"], lora, {"fsdp": -1}, 8, 512, devices=8, compile=False,
+    mistral = pl.model_config("mistralai/Mistral-7B-v0.1", dtype="bfloat16", param_dtype="bfloat16")
+    r = pl.plan(mistral, lora, {"fsdp": -1}, 8, 512, devices=8, compile=False,
                 activations=False)
     assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     c, tot, dev = r["counts"], r["total_bytes"], r["per_device_bytes"]
@@ -67,24 +69,34 @@ def test_encoder_plan_counts():
 
 
 def test_cli_reads_an_experiment_config(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "tiny-llama"   # an HF folder: only its config.json is read
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "head_dim": 8}))
     path = tmp_path / "tiny.py"
-    path.write_text(textwrap.dedent("""
+    path.write_text(textwrap.dedent(f"""
         from ml_collections import ConfigDict
 
         def get_config(arg=None):
-            return ConfigDict({
-                "model": {"family": "decoder", "vocab_size": 64, "hidden_size": 32,
-                          "intermediate_size": 32, "num_layers": 2, "num_heads": 4,
-                          "num_kv_heads": 4, "head_dim": 8},
-                "loraxs": {"rank": 4, "targets": [r"(q|v)_proj/kernel$"]},
-                "mesh": {"data": 1, "fsdp": 8, "tensor": 1},
-                "batch_size": 8, "max_length": 16})
+            return ConfigDict({{
+                "model": {{"kind": "decoder", "path": {str(folder)!r}, "dtype": "float32",
+                          "param_dtype": "float32", "scan_layers": True, "remat": "full"}},
+                "loraxs": {{"rank": 4, "alpha": 4.0, "targets": [r"(q|v)_proj/kernel$"],
+                           "bases_dtype": "", "svd_method": "randomized"}},
+                "optim": {{"grad_accum": 2}},
+                "task": {{"max_length": 16}},
+                "mesh": {{"data": 1, "fsdp": 8, "tensor": 1}},
+                "batch_size": 16}})
         """))
     # ml_collections reads --config.* overrides from sys.argv itself
     monkeypatch.setattr(sys, "argv", ["plan", f"--config={path}", "--config.mesh.fsdp=4",
                                       "--config.mesh.data=2", "--nocompile"])
     r = pl.main()
-    assert r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and r["counts"]["R"] == 4 * 16
-    assert "R (trainable)" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="unknown model preset 'mistral-8b'"):
+    assert r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert r["counts"]["R"] == 2 * 2 * 4 * 4 and r["counts"]["adapted_matrices"] == 4
+    assert (r["batch_size"], r["seq_len"], r["remat"]) == (8, 16, True)   # micro-batch 16 / 2
+    assert "activations, remat *" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="cannot get the architecture of 'mistral-8b'"):
         pl.main(["plan", "--model=mistral-8b", "--nocompile"])
