@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -69,6 +70,24 @@ def run(smoke: bool = False, only: list[str] | None = None) -> dict:
         results[n] = BENCHMARKS[n](smoke=smoke)
         took[n] = time.perf_counter() - t
         print(f"[run_all] {n}: {took[n]:.0f} s -> {results[n]['path']}", flush=True)
+    write_readme(results, smoke, took)
+    return results
+
+
+def load_results(smoke: bool = False) -> dict:
+    """The latest result of each benchmark, read back from its JSON file."""
+    out = common.results_dir(smoke)
+    results = {}
+    for n in BENCHMARKS:
+        f = out / f"{n}.json"
+        if f.exists():
+            results[n] = {"path": str(f.with_suffix(".md")), **json.loads(f.read_text())}
+    return results
+
+
+def write_readme(results: dict, smoke: bool, took: dict | None = None) -> Path:
+    """``README.md`` beside the results: headline ratios, then every benchmark's tables."""
+    took = took or {}
     out = common.results_dir(smoke)
     m = common.machine()
     parts = [f"# Benchmark results{' (smoke)' if smoke else ''}\n",
@@ -77,20 +96,27 @@ def run(smoke: bool = False, only: list[str] | None = None) -> dict:
              "Ratios are measured side by side in one process (interleaved rounds, medians); "
              "absolute times on this shared machine are noisy.\n",
              "## Headline\n", *headline(results), ""]
-    for n in names:
+    for n in results:
         md = Path(results[n]["path"])
-        parts += [f"---\n\n[{md.name}]({md.name}) · took {took[n]:.0f} s\n",
+        spent = f" · took {took[n]:.0f} s" if n in took else ""
+        parts += [f"---\n\n[{md.name}]({md.name}){spent}\n",
                   md.read_text().split("\n", 2)[2].replace("\n## ", "\n### ")]
-    (out / "README.md").write_text("\n".join(parts))
-    return results
+    path = out / "README.md"
+    path.write_text("\n".join(parts))
+    return path
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds, for tests)")
     p.add_argument("--only", default="", help=f"comma-separated subset of {list(BENCHMARKS)}")
+    p.add_argument("--readme", action="store_true",
+                   help="only rebuild README.md from the JSON results on disk")
     a = p.parse_args(argv)
-    run(a.smoke, [x for x in a.only.split(",") if x] or None)
+    if a.readme:
+        print(write_readme(load_results(a.smoke), a.smoke))
+    else:
+        run(a.smoke, [x for x in a.only.split(",") if x] or None)
 
 
 if __name__ == "__main__":
