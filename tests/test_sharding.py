@@ -1,5 +1,7 @@
 """Sharded LoRA-XS training on 8 virtual CPU devices equals the single-device computation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +61,7 @@ def init_state(trainable):
     return {"params": trainable, "opt": make_tx().init(trainable), "step": jnp.int32(0)}
 
 
+@functools.cache
 def reference(n_steps):
     """Single device, no shardings."""
     trainable, frozen = lx.split(lx.apply(base_params(), LORA, 1), LORA)
@@ -83,6 +86,14 @@ def sharded_setup(mesh):
     return adapted, all_sh, sh.shard_params(state, state_sh), state_sh, frozen, f_sh
 
 
+@functools.cache
+def compiled_step(shape):
+    """One jitted train step per mesh shape, shared by the tests of this session."""
+    mesh = mesh_of(shape)
+    _, _, _, state_sh, _, f_sh = sharded_setup(mesh)
+    return sh.jit_train_step(train_step, mesh, state_sh, f_sh)
+
+
 @pytest.fixture(scope="module")
 def setup_222():
     mesh = mesh_of((2, 2, 2))
@@ -101,8 +112,8 @@ def r_leaves(tree):
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_train_step_matches_single_device(shape, ref):
     mesh = mesh_of(shape)
-    _, _, state, state_sh, frozen, f_sh = sharded_setup(mesh)
-    step = sh.jit_train_step(train_step, mesh, state_sh, f_sh)
+    _, _, state, state_sh, frozen, _ = sharded_setup(mesh)
+    step = compiled_step(shape)
     losses = []
     for b in batches(2):
         state, m = step(state, frozen, sh.global_batch(b, mesh))
