@@ -3,7 +3,6 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup assets test demo bench lint clean

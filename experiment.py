@@ -165,11 +165,9 @@ def make_optimizer(config: ml_collections.ConfigDict, trainable: dict, lora_cfg:
 
     head = lora_cfg.trainable if config.method != "full" else ()
 
-    def labels(tree):
-        flat = lx.transform.flatten(tree)
-        return lx.transform.unflatten(
-            {p: "head" if lora_cfg.is_extra_trainable(lx.transform.path_str(p)) and head
-             else "main" for p in flat}, {})
+    labels = lx.transform.unflatten(
+        {p: "head" if head and lora_cfg.is_extra_trainable(lx.transform.path_str(p)) else "main"
+         for p in lx.transform.flatten(trainable)}, {})
 
     tx = optax.multi_transform({"main": adamw(o.lr), "head": adamw(o.head_lr)}, labels)
     if o.grad_clip > 0:

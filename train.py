@@ -40,7 +40,8 @@ class NonFiniteLoss(RuntimeError):
 
 # ----------------------------------------------------------------------------- steps
 def make_train_step(task, apply_fn: Callable, tx: optax.GradientTransformation, seed: int):
-    """(state, frozen, batch) -> (state, metrics), jitted, donating the old state.
+    """The pure step (state, frozen, batch) -> (state, metrics); ``sharding.jit_train_step``
+    jits it with the mesh's shardings, donating the old state.
 
     state = {"trainable", "opt_state", "step"}; dropout keys are folded from ``seed`` and the
     step, so a resumed run draws the same masks as an uninterrupted one."""
@@ -58,7 +59,33 @@ def make_train_step(task, apply_fn: Callable, tx: optax.GradientTransformation, 
                "opt_state": opt_state, "step": state["step"] + 1}
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
-    return jax.jit(train_step, donate_argnums=0)
+    return train_step
+
+
+def place_on_mesh(config, model, method, tx):
+    """Build the mesh from ``config.mesh``, shard the base params by the model's logical axes
+    and the LoRA-XS leaves like their kernels (A: input axes, B: output axes, R replicated), and
+    return (mesh, initial train state, frozen, state shardings, frozen shardings)."""
+    from loraxs_jax import sharding
+
+    mesh = sharding.make_mesh(config.mesh)
+    if model.kind == "encoder":
+        from loraxs_jax.models.encoder import param_logical_axes
+    else:
+        from loraxs_jax.models.decoder import param_logical_axes
+    base = sharding.param_shardings(model.params, param_logical_axes(model.config), mesh)
+    shardings = sharding.adapted_shardings(method.params, base) if method.name in (
+        "loraxs", "lora") else base
+    method.params = sharding.shard_params(method.params, shardings)
+    trainable, frozen = method.split()
+    t_sh = sharding.subtree_shardings(shardings, trainable)
+    f_sh = sharding.subtree_shardings(shardings, frozen)
+    # AdamW's mu and nu take their param's sharding by propagation through zeros_like.
+    state = jax.jit(lambda t: {"trainable": t, "opt_state": tx.init(t),
+                               "step": jnp.zeros((), jnp.int32)}, in_shardings=(t_sh,))(trainable)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    return mesh, state, frozen, state_sh, f_sh
 
 
 # ----------------------------------------------------------------------------- logging
@@ -135,6 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     simulate a kill)."""
     from tqdm import tqdm
 
+    from loraxs_jax import sharding
     from loraxs_jax.checkpointing import CheckpointManager
 
     workdir = experiment.workdir_path(workdir)
@@ -143,7 +171,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     model = experiment.build_model(config, experiment.num_labels_for(config))
     task = experiment.build_task(config, model)
     method = experiment.build_method(config, model.params)
-    trainable, frozen = method.split()
     init_s = time.time() - t0
     counts = method.counts()
     log.info("method %s: %s trainable (+%s head), built in %.1fs", method.name,
@@ -163,9 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     ckpt_every = config.checkpoint_every_steps or eval_every
 
     apply_fn = lx.wrap(model.module.apply)
-    tx = experiment.make_optimizer(config, trainable, method.lora_cfg, total)
-    state = {"trainable": trainable, "opt_state": tx.init(trainable),
-             "step": jnp.zeros((), jnp.int32)}
+    tx = experiment.make_optimizer(config, method.split()[0], method.lora_cfg, total)
+    mesh, state, frozen, state_sh, frozen_sh = place_on_mesh(config, model, method, tx)
     mngr = CheckpointManager(workdir / "checkpoints", keep=config.keep_checkpoints)
     best = {"metric": -math.inf, "step": -1}
     if mngr.latest_step() is not None:
@@ -174,7 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         best = meta["best"]
         log.info("resumed from step %d (data epoch %d, batch %d)", meta["opt_step"],
                  stream.epoch, stream.step)
-    train_step = make_train_step(task, apply_fn, tx, config.seed)
+    train_step = sharding.jit_train_step(make_train_step(task, apply_fn, tx, config.seed), mesh,
+                                         state_sh, frozen_sh)
+    rows = sharding.process_batch_slice(config.batch_size // accum, mesh)
     predict = task.predict_fn(apply_fn)
     writer = Writer(workdir)
 
@@ -201,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         while opt_step < total:
             for _ in range(accum):
                 batch = task.prepare(next(batches))
+                batch = sharding.global_batch({k: v[rows] for k, v in batch.items()}, mesh)
                 state, metrics = train_step(state, frozen, batch)
                 window.append(metrics)
             opt_step += 1
@@ -273,6 +302,9 @@ def main(argv):
     del argv
     from absl import flags
 
+    from loraxs_jax.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     FLAGS = flags.FLAGS

@@ -38,7 +38,6 @@ def get_config(arg: str = ""):
     c.num_epochs = int(opts.get("epochs", 4))
     c.eval_batch_size = 128
     c.log_every_steps = 20
-    c.mesh.data = 1
     if c.method == "full":
         c.optim.lr = 5e-5
     return c

@@ -22,5 +22,4 @@ def get_config(arg: str = ""):
     c.log_every_steps = 5
     c.generation.max_new_tokens = 12
     c.generation.batch_size = 50
-    c.mesh.data = 1
     return c
