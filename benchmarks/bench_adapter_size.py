@@ -11,7 +11,6 @@ file would have it; the test checks the sizing against written files).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import struct
@@ -154,10 +153,7 @@ def tables(out: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny model, one rank")
-    a = p.parse_args(argv)
-    print(run(a.smoke)["path"])
+    common.cli(__doc__, run, argv, reps=False)
 
 
 if __name__ == "__main__":

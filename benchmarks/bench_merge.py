@@ -10,8 +10,6 @@ thin matmuls per adapted kernel.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
 import loraxs_jax
@@ -94,11 +92,7 @@ def tables(res: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny model, few reps")
-    p.add_argument("--reps", type=int, default=None)
-    a = p.parse_args(argv)
-    print(run(a.smoke, a.reps)["path"])
+    common.cli(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ floor and LoRA-XS on the same model and batch; FLOP ratios are from the compiled
 
 from __future__ import annotations
 
-import argparse
-
 import loraxs_jax
 from benchmarks import common
 
@@ -70,11 +68,7 @@ def tables(res: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="two ranks, one length")
-    p.add_argument("--reps", type=int, default=None)
-    a = p.parse_args(argv)
-    print(run(a.smoke, a.reps)["path"])
+    common.cli(__doc__, run, argv)
 
 
 if __name__ == "__main__":

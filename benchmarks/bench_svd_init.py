@@ -18,7 +18,6 @@ and compare their rank-r subspaces and approximations with the exact SVD. Whole-
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Mapping
@@ -271,12 +270,8 @@ def tables(r: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny matrices")
-    p.add_argument("--exact-7b", action="store_true",
-                   help="also run the exact SVD on every 7B shape (slow on CPU)")
-    a = p.parse_args(argv)
-    print(run(a.smoke, a.exact_7b)["path"])
+    common.cli(__doc__, run, argv, reps=False,
+               exact_7b="also run the exact SVD on every 7B shape (slow on CPU)")
 
 
 if __name__ == "__main__":

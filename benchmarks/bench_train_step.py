@@ -5,12 +5,10 @@ On the same model and batch: the floor (forward + backward to the inputs, weight
 fine-tuning (AdamW on everything). Times are medians of interleaved rounds; FLOPs and memory
 come from the compiled programs.
 
-    python -m benchmarks.bench_train_step [--smoke] [--reps N] [--no-minilm]
+    python -m benchmarks.bench_train_step [--smoke] [--reps N] [--skip-minilm]
 """
 
 from __future__ import annotations
-
-import argparse
 
 from benchmarks import common
 
@@ -66,10 +64,10 @@ compiler, so it says nothing per step and is not reported). FLOPs from XLA cost_
 """
 
 
-def run(smoke: bool = False, reps: int | None = None, with_minilm: bool = True) -> dict:
+def run(smoke: bool = False, reps: int | None = None, skip_minilm: bool = False) -> dict:
     reps = reps or (3 if smoke else 7)
     setups = [common.llama_small(True)] if smoke else [common.llama_small(), common.bert_small()]
-    if with_minilm and not smoke and common.have_asset("minilm"):
+    if not (skip_minilm or smoke) and common.have_asset("minilm"):
         setups.append(common.minilm(batch=8))
     results = {}
     for s in setups:
@@ -82,12 +80,7 @@ def run(smoke: bool = False, reps: int | None = None, with_minilm: bool = True) 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny models, few reps")
-    p.add_argument("--reps", type=int, default=None, help="interleaved rounds")
-    p.add_argument("--no-minilm", action="store_true", help="skip the real MiniLM")
-    a = p.parse_args(argv)
-    print(run(a.smoke, a.reps, not a.no_minilm)["path"])
+    common.cli(__doc__, run, argv, skip_minilm="skip the real MiniLM")
 
 
 if __name__ == "__main__":

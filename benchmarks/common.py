@@ -112,6 +112,21 @@ def write_result(name: str, data: dict, tables: str, smoke: bool) -> Path:
     return path
 
 
+def cli(doc: str, run: Callable[..., dict], argv: Sequence[str] | None = None,
+        reps: bool = True, **switches: str) -> None:
+    """The command line of a benchmark: ``--smoke``, ``--reps N`` (if ``reps``), and one
+    ``--flag`` per keyword (``exact_7b="help"`` → ``--exact-7b``, passed as ``exact_7b=True``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, few reps (seconds)")
+    if reps:
+        p.add_argument("--reps", type=int, default=None, help="interleaved timing rounds")
+    for name, text in switches.items():
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+    print(run(**vars(p.parse_args(argv)))["path"])
+
+
 # ----------------------------------------------------------------------------- timing
 def block(x):
     return jax.block_until_ready(x)
