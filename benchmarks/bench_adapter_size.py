@@ -131,13 +131,13 @@ def run(smoke: bool = False) -> dict:
             print(f"[adapter_size] {name}: " + ", ".join(
                 f"r={x['rank']} {x['file_bytes']:,} B (LoRA ×{x['lora_over_ours']:.0f})"
                 for x in out[name]), flush=True)
-    path = common.write_result("adapter_size", {"models": out}, tables(out), smoke)
+    path = common.write_result("adapter_size", {"models": out}, tables, smoke)
     return {"path": str(path), "models": out}
 
 
-def tables(out: dict) -> str:
+def tables(data: dict) -> str:
     parts = []
-    for name, rows in out.items():
+    for name, rows in data["models"].items():
         parts.append(f"## {name}\n\n" + common.md_table(
             ["rank", "matrices", "trainable (r²·n)", "ours: file bytes", "r²·n·4", "header",
              "LoRA A+B bytes", "official A+B+R bytes", "LoRA / ours", "official / ours"],

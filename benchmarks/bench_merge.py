@@ -65,7 +65,7 @@ def run(smoke: bool = False, reps: int | None = None) -> dict:
                                       svd_method="randomized")
         res["merge_only"]["SmolLM2-135M (real)"] = merge_time(params, cfg, reps)[0]
         del params
-    path = common.write_result("merge", {"reps": reps, **res}, tables(res), smoke)
+    path = common.write_result("merge", {"reps": reps, **res}, tables, smoke)
     return {"path": str(path), **res}
 
 

@@ -47,7 +47,7 @@ def run(smoke: bool = False, reps: int | None = None) -> dict:
         by_seq.append(point(s, s.rank, reps, bases))
         print(f"[scaling] T={by_seq[-1]['seq']}: ×{by_seq[-1]['time_ratio']:.3f} time", flush=True)
     res = {"setup": base.description, "reps": reps, "by_rank": by_rank, "by_seq": by_seq}
-    path = common.write_result("scaling", res, tables(res), smoke)
+    path = common.write_result("scaling", res, tables, smoke)
     return {"path": str(path), **res}
 
 

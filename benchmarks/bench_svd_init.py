@@ -212,7 +212,7 @@ def run(smoke: bool = False, exact_7b: bool = False) -> dict:
     ep["init_over_epoch"] = {m: first[m]["first_call_s"] / ep["epoch_s"]
                              for m in ("exact", "randomized", "sklearn")}
     results["demo_epoch"] = ep
-    path = common.write_result("svd_init", results, tables(results), smoke)
+    path = common.write_result("svd_init", results, tables, smoke)
     return {"path": str(path), **results}
 
 

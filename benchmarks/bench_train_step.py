@@ -53,14 +53,20 @@ def table(name: str, r: dict) -> str:
     return f"## {name}\n\n{r['setup']}; rank {r['rank']}, α {r['alpha']}\n\n{t}\n\n{summary}\n"
 
 
+def tables(data: dict) -> str:
+    return "\n".join(table(n, r) for n, r in data["models"].items()) + NOTES
+
+
 NOTES = """
 Notes. Same model, same batch, one process; contenders interleaved round-robin, median of the
-rounds. The floor differentiates w.r.t. a zero tensor added to the token embeddings, so it pays
-the whole activation backward pass and no weight gradient: no adapter that touches the first
-layer can be cheaper. Dropout is off (deterministic) everywhere. args = params (frozen and
-trainable) + optimizer state + batch; peak = args + outputs + temporaries − aliased, from XLA's
-compiled memory_analysis (process RSS on the CPU backend is monotone and shared with the
-compiler, so it says nothing per step and is not reported). FLOPs from XLA cost_analysis.
+rounds. The floor differentiates w.r.t. a zero tensor added to the token embeddings: the whole
+activation backward pass and no weight gradient. LoRA-XS can come in slightly *under* it: it
+needs no input gradient of the first layer's projections (only dL/dy there, and x·A from the
+forward), which the floor computes down to the embeddings; compare the FLOP columns. Dropout is
+off (deterministic) everywhere. args = params (frozen and trainable) + optimizer state + batch;
+peak = args + outputs + temporaries − aliased, from XLA's compiled memory_analysis (process RSS
+on the CPU backend is monotone and shared with the compiler, so it says nothing per step and is
+not reported). FLOPs from XLA cost_analysis. AdamW (lr 1e-3) in every trained variant.
 """
 
 
@@ -74,8 +80,7 @@ def run(smoke: bool = False, reps: int | None = None, skip_minilm: bool = False)
         results[s.name] = measure(s, reps)
         print(f"[train_step] {s.name}: " + ", ".join(
             f"{k} time×{v['time']:.3f}" for k, v in results[s.name]["ratios"].items()), flush=True)
-    md = "\n".join(table(n, r) for n, r in results.items()) + NOTES
-    path = common.write_result("train_step", {"reps": reps, "models": results}, md, smoke)
+    path = common.write_result("train_step", {"reps": reps, "models": results}, tables, smoke)
     return {"path": str(path), "models": results}
 
 

@@ -97,18 +97,24 @@ def results_dir(smoke: bool) -> Path:
     return out
 
 
-def write_result(name: str, data: dict, tables: str, smoke: bool) -> Path:
-    """``<name>.json`` (data + machine) and ``<name>.md`` (title, machine line, tables)."""
-    out_dir = results_dir(smoke)
-    m = machine()
-    payload = {"benchmark": name, "smoke": smoke, "machine": m, **data}
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
+def write_result(name: str, data: dict, tables: Callable[[dict], str], smoke: bool) -> Path:
+    """``<name>.json`` (data + machine) and ``<name>.md`` (``tables(data)`` under a title and
+    the machine line); returns the markdown's path."""
+    payload = {"benchmark": name, "smoke": smoke, "machine": machine(), **data}
+    (results_dir(smoke) / f"{name}.json").write_text(
+        json.dumps(payload, indent=1, default=float) + "\n")
+    return write_markdown(payload, tables)
+
+
+def write_markdown(payload: dict, tables: Callable[[dict], str]) -> Path:
+    """``<benchmark>.md`` from a result's JSON payload (also to re-render old results)."""
+    name, smoke, m = payload["benchmark"], payload["smoke"], payload["machine"]
     head = (f"# {name}{' (smoke)' if smoke else ''}\n\n{m['date_utc']} · {m['cpu']} × "
             f"{m['cores']} cores ({m['backend']}, load {m['load_avg_1m']}) · jax {m['jax']}, "
             f"flax {m['flax']}, numpy {m['numpy']}, scikit-learn {m['sklearn']} · git "
             f"{m['git']}\n\n")
-    path = out_dir / f"{name}.md"
-    path.write_text(head + tables.strip() + "\n")
+    path = results_dir(smoke) / f"{name}.md"
+    path.write_text(head + tables(payload).strip() + "\n")
     return path
 
 

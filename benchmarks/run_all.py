@@ -21,13 +21,9 @@ from benchmarks import (
     common,
 )
 
-BENCHMARKS = {
-    "train_step": bench_train_step.run,
-    "svd_init": bench_svd_init.run,
-    "adapter_size": bench_adapter_size.run,
-    "merge": bench_merge.run,
-    "scaling": bench_scaling.run,
-}
+MODULES = {"train_step": bench_train_step, "svd_init": bench_svd_init,
+           "adapter_size": bench_adapter_size, "merge": bench_merge, "scaling": bench_scaling}
+BENCHMARKS = {name: module.run for name, module in MODULES.items()}
 
 
 def headline(results: dict) -> list[str]:
@@ -75,13 +71,15 @@ def run(smoke: bool = False, only: list[str] | None = None) -> dict:
 
 
 def load_results(smoke: bool = False) -> dict:
-    """The latest result of each benchmark, read back from its JSON file."""
+    """The latest result of each benchmark, read back from its JSON file, its markdown
+    re-rendered (so a change to a table's layout needs no re-run)."""
     out = common.results_dir(smoke)
     results = {}
-    for n in BENCHMARKS:
+    for n, module in MODULES.items():
         f = out / f"{n}.json"
         if f.exists():
-            results[n] = {"path": str(f.with_suffix(".md")), **json.loads(f.read_text())}
+            payload = json.loads(f.read_text())
+            results[n] = {"path": str(common.write_markdown(payload, module.tables)), **payload}
     return results
 
 
