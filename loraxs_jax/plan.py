@@ -144,8 +144,8 @@ def plan(model_config: ModelConfig, lora_cfg: LoraXSConfig, mesh_cfg: Any, batch
       batch_size, seq_len: global examples per step and tokens per example.
       remat: the setting the run uses (marked in the table); both are always computed.
       devices: devices the mesh spans (default: ``jax.device_count()``); need not exist.
-      compile: also compile the sharded train step and report ``memory_analysis()`` when the
-        mesh's devices exist here.
+      compile: also compile the sharded train step (with ``remat``'s setting, or both when
+        it is None) and report ``memory_analysis()`` when the mesh's devices exist here.
       activations: trace the backward pass for the activation sizes (a 7B model takes ~10 s
         per trace); False reports 0.
     Returns:
@@ -202,11 +202,11 @@ def plan(model_config: ModelConfig, lora_cfg: LoraXSConfig, mesh_cfg: Any, batch
                              "activations_remat": acts[True] // ways},
         "compiled": {},
     }
-    if real:
+    if real:   # the run's setting only (each compile of a 7B step takes minutes on CPU)
         result["compiled"] = {
             ("remat" if on else "no_remat"): _compiled_memory(
                 with_remat(model_config, on), lora_cfg, mesh, rules, learning_rate, batch)
-            for on in (False, True)}
+            for on in ((False, True) if remat is None else (bool(remat),))}
     if print_table:
         print(format_table(result))
     return result

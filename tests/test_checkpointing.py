@@ -16,14 +16,15 @@ from loraxs_jax.transform import path_str
 def test_save_on_one_mesh_restore_on_another_and_continue(tmp_path):
     b1, b2 = batches(2)
     mesh_a = mesh_of((2, 4, 1))
-    _, _, state, _, frozen, _ = sharded_setup(mesh_a)
-    state, _ = compiled_step((2, 4, 1))(state, frozen, sh.global_batch(b1, mesh_a))
+    _, _, state, state_sh, frozen, f_sh = sharded_setup(mesh_a)
+    state, _ = compiled_step((2, 4, 1), state_sh, f_sh)(state, frozen,
+                                                         sh.global_batch(b1, mesh_a))
     key = jax.random.key(7)
     with CheckpointManager(tmp_path, keep=2) as mngr:
         mngr.save(1, {"train": state, "rng": key}, {"data_position": 16, "note": "after b1"})
 
     mesh_b = mesh_of((2, 2, 2))   # a new process with another mesh: rebuild frozen, restore R
-    _, _, fresh, state_sh_b, frozen_b, _ = sharded_setup(mesh_b)
+    _, _, fresh, state_sh_b, frozen_b, f_sh_b = sharded_setup(mesh_b)
     target = {"train": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                     fresh, state_sh_b),
               "rng": jax.random.key(0)}
@@ -35,7 +36,8 @@ def test_save_on_one_mesh_restore_on_another_and_continue(tmp_path):
     for leaf, s in zip(jax.tree.leaves(restored["train"]), jax.tree.leaves(state_sh_b)):
         assert leaf.sharding.is_equivalent_to(s, leaf.ndim)
     assert int(restored["train"]["step"]) == 1
-    state, m = compiled_step((2, 2, 2))(restored["train"], frozen_b, sh.global_batch(b2, mesh_b))
+    step = compiled_step((2, 2, 2), state_sh_b, f_sh_b)
+    state, m = step(restored["train"], frozen_b, sh.global_batch(b2, mesh_b))
 
     ref_state, ref_losses = reference(2)
     np.testing.assert_allclose(float(m["loss"]), ref_losses[1], rtol=1e-5)

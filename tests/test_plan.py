@@ -47,7 +47,7 @@ def test_tiny_plan_compiles_and_remat_saves_activations(capsys):
     r = pl.plan(TINY, TINY_LORA, {"data": 2, "fsdp": 2, "tensor": 2}, 8, 16, remat=True)
     dev, comp = r["per_device_bytes"], r["compiled"]
     assert 0 < dev["activations_remat"] < dev["activations_no_remat"]
-    assert comp["remat"]["temp_size_in_bytes"] < comp["no_remat"]["temp_size_in_bytes"]
+    assert list(comp) == ["remat"] and comp["remat"]["temp_size_in_bytes"] > 0
     # the step's arguments: every device's shard of state and frozen params, plus its batch rows
     static = dev["base_params"] + dev["bases"] + dev["R"] + dev["opt_state"]
     assert static <= comp["remat"]["argument_size_in_bytes"] < static + 8 * 17 * 4

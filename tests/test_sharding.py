@@ -86,12 +86,14 @@ def sharded_setup(mesh):
     return adapted, all_sh, sh.shard_params(state, state_sh), state_sh, frozen, f_sh
 
 
-@functools.cache
-def compiled_step(shape):
+_STEPS = {}
+
+
+def compiled_step(shape, state_sh, f_sh):
     """One jitted train step per mesh shape, shared by the tests of this session."""
-    mesh = mesh_of(shape)
-    _, _, _, state_sh, _, f_sh = sharded_setup(mesh)
-    return sh.jit_train_step(train_step, mesh, state_sh, f_sh)
+    if shape not in _STEPS:
+        _STEPS[shape] = sh.jit_train_step(train_step, mesh_of(shape), state_sh, f_sh)
+    return _STEPS[shape]
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +114,8 @@ def r_leaves(tree):
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_train_step_matches_single_device(shape, ref):
     mesh = mesh_of(shape)
-    _, _, state, state_sh, frozen, _ = sharded_setup(mesh)
-    step = compiled_step(shape)
+    _, _, state, state_sh, frozen, f_sh = sharded_setup(mesh)
+    step = compiled_step(shape, state_sh, f_sh)
     losses = []
     for b in batches(2):
         state, m = step(state, frozen, sh.global_batch(b, mesh))
