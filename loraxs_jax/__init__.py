@@ -29,7 +29,9 @@ from loraxs_jax.layers import (
     LoraXSR,
     loraxs_delta,
     nnx_apply,
+    nnx_load_adapter,
     nnx_merge,
+    nnx_params,
     wrap,
 )
 from loraxs_jax.merge import delta_weight, merge, unmerge
@@ -41,5 +43,5 @@ __all__ = [
     "INITS", "LoraXSBasis", "LoraXSConfig", "LoraXSLinear", "LoraXSR", "adapted_kernels",
     "adapter_info", "apply", "cached_bases", "combine", "compute_bases", "count", "delta_weight",
     "derived_spec", "fingerprint", "load_adapter", "loraxs_delta", "masked", "merge", "nnx_apply",
-    "nnx_merge", "save_adapter", "split", "trainable_mask", "truncated_svd", "unmerge", "wrap",
+    "nnx_load_adapter", "nnx_merge", "nnx_params", "save_adapter", "split", "trainable_mask", "truncated_svd", "unmerge", "wrap",
 ]

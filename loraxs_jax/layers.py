@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loraxs_jax.transform import adapter_key, derived_spec
+from loraxs_jax.transform import adapter_key
 
 KERNEL = "kernel"
 
@@ -204,5 +204,21 @@ def nnx_merge(model: nnx.Module) -> nnx.Module:
     return model
 
 
-__all__ = ["LoraXSBasis", "LoraXSLinear", "LoraXSR", "derived_spec", "loraxs_delta",
-           "nnx_apply", "nnx_merge", "wrap"]
+
+
+def nnx_params(model: nnx.Module) -> dict:
+    """The model's variables as a plain nested dict (``nnx.state(model).to_pure_dict()``), the
+    tree form ``count``, ``save_adapter`` and ``fingerprint`` read."""
+    return nnx.state(model).to_pure_dict()
+
+
+def nnx_load_adapter(path, model: nnx.Module, **kwargs) -> nnx.Module:
+    """An adapted copy of the NNX ``model`` with the adapter file's R's (and extras) in place;
+    checks the base fingerprint and config like ``load_adapter``."""
+    from loraxs_jax.adapters import adapter_info, load_adapter
+
+    loaded = load_adapter(path, nnx_params(model), **kwargs)
+    adapted = nnx_apply(model, adapter_info(path)["config"])
+    graphdef, state = nnx.split(adapted)
+    state.replace_by_pure_dict(loaded)
+    return nnx.merge(graphdef, state)

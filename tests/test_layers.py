@@ -170,3 +170,17 @@ def test_nnx_surgery_forward_train_merge():
     merged = lx.nnx_merge(am)
     assert all(type(lin) is nnx.Linear for lin in merged.layers)
     np.testing.assert_allclose(merged(x), am(x), atol=1e-5)
+
+
+def test_nnx_state_counts_saves_and_loads(tmp_path):
+    model = NNXModel(nnx.Rngs(0))
+    cfg = lx.LoraXSConfig(rank=3, targets=(r"layers/\d+/kernel$",), r_std=0.3)
+    am = lx.nnx_apply(model, cfg, 1)
+    state = lx.nnx_params(am)
+    assert lx.count(state)["R"] == 2 * 9
+    path = lx.save_adapter(tmp_path / "nnx", state, cfg)
+    loaded = lx.nnx_load_adapter(path, model)
+    x = jnp.ones((2, 12))
+    np.testing.assert_array_equal(loaded(x), am(x))
+    np.testing.assert_array_equal(loaded.layers[1].kernel_loraxs_R[...],
+                                  am.layers[1].kernel_loraxs_R[...])
