@@ -43,5 +43,6 @@ __all__ = [
     "INITS", "LoraXSBasis", "LoraXSConfig", "LoraXSLinear", "LoraXSR", "adapted_kernels",
     "adapter_info", "apply", "cached_bases", "combine", "compute_bases", "count", "delta_weight",
     "derived_spec", "fingerprint", "load_adapter", "loraxs_delta", "masked", "merge", "nnx_apply",
-    "nnx_load_adapter", "nnx_merge", "nnx_params", "save_adapter", "split", "trainable_mask", "truncated_svd", "unmerge", "wrap",
+    "nnx_load_adapter", "nnx_merge", "nnx_params", "save_adapter", "split", "trainable_mask",
+    "truncated_svd", "unmerge", "wrap",
 ]
