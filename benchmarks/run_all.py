@@ -30,7 +30,7 @@ def headline(results: dict) -> list[str]:
     """The claims, one line each, from whichever benchmarks ran."""
     lines = []
     for name, r in results.get("train_step", {}).get("models", {}).items():
-        ra = r["ratios"]
+        ra = bench_train_step.ratios(r["methods"])
         lines.append(f"- train step, {name} (r={r['rank']}): LoRA-XS / floor time "
                      f"{ra['loraxs/floor']['time']:.3f} (FLOPs {ra['loraxs/floor']['flops']:.3f}); "
                      f"/ LoRA time {ra['loraxs/lora']['time']:.3f}; / full time "
