@@ -91,13 +91,7 @@ def build_model(config: ml_collections.ConfigDict, num_labels: int = 2) -> Model
 
 # ----------------------------------------------------------------------------- method
 def loraxs_config(config: ml_collections.ConfigDict) -> lx.LoraXSConfig:
-    c = config.loraxs
-    rank = c.rank.to_dict() if isinstance(c.rank, ml_collections.ConfigDict) else c.rank
-    return lx.LoraXSConfig(rank=rank, alpha=float(c.alpha), targets=tuple(c.targets),
-                           init=c.init, r_std=float(c.r_std), svd_method=c.svd_method,
-                           power_iters=int(c.power_iters), oversample=int(c.oversample),
-                           bases_dtype=c.bases_dtype or None, trainable=tuple(c.trainable),
-                           stacked_axes=1 if config.model.scan_layers else 0)
+    return lx.LoraXSConfig.from_section(config.loraxs, config.model.scan_layers)
 
 
 @dataclasses.dataclass

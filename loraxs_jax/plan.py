@@ -336,15 +336,7 @@ def _model_from(config: Any) -> ModelConfig:
 
 
 def _lora_from(config: Any, model: ModelConfig) -> LoraXSConfig:
-    spec = _get(config, "loraxs")
-    if isinstance(spec, LoraXSConfig):
-        return spec
-    d = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
-    known = {f.name for f in dataclasses.fields(LoraXSConfig)}
-    d = {k: v for k, v in d.items() if k in known}
-    d["bases_dtype"] = d.get("bases_dtype") or None
-    d.setdefault("stacked_axes", 1 if model.scan_layers else 0)
-    return LoraXSConfig.from_dict(d)
+    return LoraXSConfig.from_section(_get(config, "loraxs"), model.scan_layers)
 
 
 def plan_from_config(config: Any, devices: int | None = None, compile: bool = True) -> dict:

@@ -271,8 +271,10 @@ def _place_like(kernel, value, t: Target, role: str):
     """Box with derived axis names, and/or put on the derived NamedSharding, like the kernel."""
     if isinstance(kernel, meta.Partitioned):
         return kernel.replace_boxed(value).replace(names=derived_spec(kernel.names, t, role))
+    if isinstance(kernel, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
+        return value          # under jit/eval_shape: shardings come from the jit boundary
     sharding = getattr(kernel, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding) and not isinstance(value, jax.core.Tracer):
+    if isinstance(sharding, jax.sharding.NamedSharding):
         spec = jax.sharding.PartitionSpec(*derived_spec(tuple(sharding.spec), t, role))
         return jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, spec))
     return value

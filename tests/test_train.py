@@ -118,3 +118,25 @@ def test_eval_merged_equals_adapted(tiny_bert, tmp_path):
     assert info["config"].rank == 4
     with pytest.raises(ValueError, match="needs --adapter"):
         evaluate_lib.evaluate(cfg, None, "merged")
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_bert, tmp_path):
+    """2 micro-batches of 8 with optax.MultiSteps == one batch of 16 (no dropout)."""
+    one = _config(tiny_bert, **{"num_train_steps": 2, "model.dropout": 0.0})
+    two = _config(tiny_bert, **{"num_train_steps": 2, "model.dropout": 0.0,
+                                "optim.grad_accum": 2})
+    train.train_and_evaluate(one, tmp_path / "one")
+    train.train_and_evaluate(two, tmp_path / "two")
+    a, b = _r(tmp_path / "one" / "adapter.safetensors"), _r(tmp_path / "two" / "adapter.safetensors")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+    assert np.abs(a["loraxs_R/r4"]).max() > 1e-3          # R moved away from its 1e-5 init
+
+
+def test_sweep_reports_the_median_of_best_epochs(tiny_bert, tmp_path):
+    import sweep
+
+    res = sweep.sweep(_config(tiny_bert, num_train_steps=2, eval_every_steps=1), tmp_path, 3)
+    assert len(res["per_seed"]) == 3 and res["median"] == sorted(res["per_seed"])[1]
+    again = sweep.sweep(_config(tiny_bert), tmp_path, 3)      # finished seeds are read back
+    assert again == res
