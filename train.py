@@ -206,9 +206,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     predict = task.predict_fn(apply_fn)
     writer = Writer(workdir)
 
+    last_eval: dict[str, Any] = {}
+
     def evaluate(opt_step: int) -> dict[str, float]:
         params = lx.combine(state["trainable"], frozen)
         scores = task.evaluate(apply_fn, params, config.eval_batch_size, predict)
+        last_eval.update(step=opt_step, scores=scores)
         writer.write("eval", opt_step, scores)
         metric = scores[task.main_metric]
         if metric > best["metric"]:
@@ -262,8 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         bar.close()
         writer.close()
 
-    final = task.evaluate(apply_fn, lx.combine(state["trainable"], frozen),
-                          config.eval_batch_size, predict)
+    final = last_eval["scores"] if last_eval.get("step") == opt_step else task.evaluate(
+        apply_fn, lx.combine(state["trainable"], frozen), config.eval_batch_size, predict)
     adapter = save_trained(workdir / "adapter", method, state["trainable"], frozen)
     plot_metrics(workdir, task.main_metric)
     summary = {
