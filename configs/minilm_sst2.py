@@ -4,9 +4,9 @@ Real weights (the ``minilm`` asset) and real data: the training set is the SST-2
 from VADER's 10,605 rated Rotten Tomatoes snippets minus every sentence in SST-2 validation; the
 evaluation set is the 872 real SST-2 validation sentences. The paper's GLUE recipe (targets
 query, value, attention output, FFN output; alpha 16; AdamW, separate head learning rate; linear
-schedule with 6% warmup; batch 32), shortened to one epoch (evaluated every 100 steps) with max length 64 (SST-2
-sentences are short) so it finishes in minutes on two cores. all-MiniLM-L6-v2 was trained with
-mean pooling, so the classifier reads mean-pooled tokens.
+schedule with 6% warmup; batch 32), shortened to one epoch (evaluated every 100 steps) with
+max length 64 (SST-2 sentences are short) so it finishes in minutes on two cores.
+all-MiniLM-L6-v2 was trained with mean pooling, so the classifier reads mean-pooled tokens.
 
 Variants: ``--config=configs/minilm_sst2.py:rank=4,method=lora,init=random``.
 """
