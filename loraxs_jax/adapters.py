@@ -3,8 +3,11 @@
 An adapter is one safetensors file. The R's of all adapted matrices of rank r are stacked into
 one tensor ``loraxs_R/r<r>`` of shape (matrices, r, r), so the file is r² × matrices × itemsize
 plus a small JSON header; the header's ``__metadata__`` holds the LoraXSConfig, the library
-version, the fingerprint of the base kernels and, per rank, the kernel paths in row order (a
-stacked kernel, e.g. nn.scan layers, contributes one row per matrix). Extra trainable leaves
+version, the fingerprint of the base kernels and, per rank, how many kernels the rows belong to
+and a digest of their paths. Rows follow the kernels' paths in sorted order (a stacked kernel,
+e.g. nn.scan layers, contributes one row per matrix); the paths themselves are recomputed from
+the config and the base at load time, so the header stays small (hundreds of bytes) however many
+matrices are adapted. Extra trainable leaves
 (``cfg.trainable``, e.g. a task head) are stored under their own paths. A, B are recomputed
 from the base at load time (the config, including ``bases_seed``, determines them), or read
 from the bases cache.
@@ -151,7 +154,8 @@ def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
         raise ValueError("no *_loraxs_R leaves in these params: nothing to save "
                          "(save the tree returned by loraxs_jax.apply, not a merged one)")
     for rank, rs in rows.items():
-        tensors[f"{_R}{rank}"] = np.concatenate(rs)
+        order = np.argsort(adapted[rank], kind="stable")
+        tensors[f"{_R}{rank}"] = np.concatenate([rs[i] for i in order])
     base = {p: v for p, v in flat.items() if not leaf_role(p[-1])}
     targets = find_targets(_plain(base), cfg)
     found = sorted(t.name for t in targets)
@@ -164,10 +168,20 @@ def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
         "loraxs_jax_version": _version(),
         "config": json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":")),
         "base_fingerprint": base_fingerprint or fingerprint(_plain(base), cfg, targets),
-        "adapted": json.dumps({str(k): v for k, v in adapted.items()}, separators=(",", ":")),
+        "adapted": json.dumps(_layout(adapted), separators=(",", ":")),
     }
     out = _adapter_path(path)
     atomic_write(out, safetensors_bytes(tensors, meta))
+    return out
+
+
+def _layout(names_by_rank: Mapping[int, list[str]]) -> dict[str, dict[str, Any]]:
+    """{rank: {"kernels": n, "digest": hash of the sorted paths}}: what the rows of each stacked
+    R tensor belong to, without writing every path into the header."""
+    out = {}
+    for rank, names in sorted(names_by_rank.items()):
+        digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
+        out[str(rank)] = {"kernels": len(names), "digest": digest}
     return out
 
 
@@ -221,13 +235,17 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
                              + "; ".join(f"{k}: file {v[0]!r} vs given {v[1]!r}"
                                          for k, v in diff.items()))
     targets = find_targets(base_params, stored)
-    names = sorted(t.name for t in targets)
-    in_file = sorted(n for ns in info["adapted"].values() for n in ns)
-    if names != in_file:
-        missing = sorted(set(in_file) - set(names))
-        extra = sorted(set(names) - set(in_file))
-        raise ValueError(f"adapter {path} does not fit these params: adapted kernels absent "
-                         f"here {missing[:5]}, targets here not in the adapter {extra[:5]}")
+    by_rank: dict[int, list[str]] = {}
+    for t in targets:
+        by_rank.setdefault(t.rank, []).append(t.name)
+    here = {int(k): v for k, v in _layout(by_rank).items()}
+    if here != info["adapted"]:
+        def show(layout):
+            return ", ".join(f"{v['kernels']} of rank {k}" for k, v in sorted(layout.items()))
+        raise ValueError(
+            f"adapter {path} does not fit these params: it holds R for {show(info['adapted'])} "
+            f"kernels, while its targets select {show(here)} here (or other paths: the digests "
+            f"differ); targets here include {sorted(t.name for t in targets)[:4]}")
     fp = fingerprint(base_params, stored, targets)
     if check_base and fp != info["base_fingerprint"]:
         raise ValueError(f"adapter {path} was trained on a different base model (fingerprint "
@@ -239,10 +257,10 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
     new = dict(flatten(adapted))
     paths = {path_str(p): p for p in new}
     values: dict[str, np.ndarray] = {}
-    for rank, kernels in info["adapted"].items():
+    for rank, kernels in by_rank.items():
         stacked = f.get(f"{_R}{rank}")
         i = 0
-        for name in kernels:
+        for name in sorted(kernels):
             leaf = _unbox(new[paths[adapter_key(name, "R")]])
             n = int(np.prod(leaf.shape[:-2]))
             if stacked.shape[1:] != (rank, rank) or i + n > stacked.shape[0]:

@@ -37,7 +37,7 @@ def test_round_trip_bit_exact_and_size(tmp_path):
     size, expected = path.stat().st_size, 8 * 8 * 12 * 4
     assert expected <= size <= 1024 + 1.05 * expected, (size, expected)
     info = lx.adapter_info(path)
-    assert info["config"] == CFG and len(info["adapted"][8]) == 12
+    assert info["config"] == CFG and info["adapted"][8]["kernels"] == 12
     loaded = lx.load_adapter(path, p)
     for a, b in zip(jax.tree_util.tree_leaves_with_path(loaded),
                     jax.tree_util.tree_leaves_with_path(ap)):
@@ -72,7 +72,8 @@ def test_wrong_base_and_wrong_config_are_refused(tmp_path):
         lx.load_adapter(path, p, lx.LoraXSConfig(rank=4, alpha=16.0, targets=CFG.targets,
                                                  trainable=CFG.trainable))
     smaller = {k: v for k, v in p.items() if k != "layer_5"}
-    with pytest.raises(ValueError, match=r"does not fit these params.*layer_5/q/kernel"):
+    with pytest.raises(ValueError, match=r"does not fit these params: it holds R for 12 of rank "
+                                         r"8 kernels, while its targets select 10 of rank 8"):
         lx.load_adapter(path, smaller)
     with pytest.raises(FileNotFoundError, match="no adapter file"):
         lx.load_adapter(tmp_path / "missing", p)
@@ -114,3 +115,26 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         lx.save_adapter(tmp_path / "a", lx.apply(p, CFG, 9), CFG)
     assert path.read_bytes() == before
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.safetensors"]   # no temp left
+
+
+def test_header_stays_small_with_many_matrices(tmp_path):
+    """RoBERTa-large's layout (24 layers x 4 paper targets, long paths) at r=4: R is 6,144
+    bytes; the file must stay within 1 KiB + 5% of that."""
+    from loraxs_jax.models.encoder import PAPER_TARGETS
+
+    rng = np.random.default_rng(7)
+    layer = lambda: {"attention": {"self": {k: {"kernel": jnp.asarray(rng.normal(size=(16, 16)),
+                                                                        jnp.float32)}
+                                            for k in ("query", "key", "value")},
+                                   "output": {"dense": {"kernel": jnp.asarray(
+                                       rng.normal(size=(16, 16)), jnp.float32)}}},
+                     "output": {"dense": {"kernel": jnp.asarray(rng.normal(size=(16, 16)),
+                                                                 jnp.float32)}}}
+    p = {"encoder": {"layer": {str(i): layer() for i in range(24)}}}
+    cfg = lx.LoraXSConfig(rank=4, targets=PAPER_TARGETS)
+    path = lx.save_adapter(tmp_path / "roberta_like", lx.apply(p, cfg, 0), cfg)
+    expected = 24 * 4 * 4 * 4 * 4
+    assert expected == 6144
+    assert path.stat().st_size <= 1024 + 1.05 * expected, path.stat().st_size
+    assert lx.load_adapter(path, p)["encoder"]["layer"]["23"]["output"]["dense"][
+        "kernel_loraxs_R"].shape == (4, 4)
