@@ -199,9 +199,15 @@ class GlueTask:
         return self.spec.num_labels
 
     def train_batches(self, batch_size: int, seed: int):
+        from loraxs_jax.data.batching import Batches, bucketed_plan
         from loraxs_jax.data.glue import glue_batches
 
-        return glue_batches(self.train_arrays, batch_size, seed=seed)
+        if not self.config.task.bucket:
+            return glue_batches(self.train_arrays, batch_size, seed=seed)
+        arrays = self.train_arrays
+        plan = bucketed_plan(arrays["attention_mask"].sum(1), batch_size, seed=seed, window=16)
+        return Batches(plan, lambda idx: {k: v[idx] for k, v in arrays.items()},
+                       num_examples=self.num_train, batch_size=batch_size, seed=seed)
 
     def eval_batches(self, batch_size: int):
         from loraxs_jax.data.glue import glue_batches

@@ -49,6 +49,7 @@ def base() -> ml_collections.ConfigDict:
                     "arc_challenge", "obqa")   # commonsense: training mixture and eval tasks
     c.task.eval_sets = ("gsm8k", "math")        # math: generative evaluations
     c.task.eval_limit = 0        # evaluate on the first N examples (0 = all)
+    c.task.bucket = True         # batch training examples of similar length (less padding)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3            # peak learning rate of R (LoRA: A, B; full: every weight)
