@@ -33,8 +33,8 @@ def base() -> ml_collections.ConfigDict:
     c.loraxs.init = "svd"        # svd | svd_no_sigma | svd_bottom | random | svd_random
     c.loraxs.r_std = 1e-5        # R ~ N(0, r_std^2)
     c.loraxs.svd_method = "randomized"  # exact | randomized (Halko et al., as the paper)
-    c.loraxs.power_iters = 4     # randomized SVD power iterations
-    c.loraxs.oversample = 8      # randomized SVD extra columns
+    c.loraxs.power_iters = 10    # randomized SVD power iterations (official code: n_iter=10)
+    c.loraxs.oversample = 10     # randomized SVD extra columns
     c.loraxs.bases_dtype = ""    # dtype of A, B; "" = the kernel's
     c.loraxs.trainable = ()      # regexes of extra trainable params (the task head)
 

@@ -38,7 +38,10 @@ class LoraXSConfig:
       r_std: R ~ N(0, r_std²); the paper uses 1e-5. 0 gives R = 0 (adapted model = base model).
       svd_method: "exact" (jnp.linalg.svd) or "randomized" (Halko et al. 2011, as the paper).
       oversample: extra columns of the randomized range finder.
-      power_iters: power iterations of the randomized range finder.
+      power_iters: power iterations of the randomized range finder. 10 and 10 match the official
+        code's scikit-learn TruncatedSVD(n_iter=10): real weights have nearly equal singular
+        values around r, and 4 iterations left the top-16 subspace of a MiniLM FFN matrix 58°
+        from the exact one (10: 16°, with a rank-r error 1.00005x the exact one's).
       bases_dtype: dtype of A and B (e.g. "bfloat16"); None keeps the kernel's dtype.
         SVDs always run in float32.
       r_dtype: dtype of R (the trained master copy); float32 by default.
@@ -62,8 +65,8 @@ class LoraXSConfig:
     init: str = "svd"
     r_std: float = 1e-5
     svd_method: str = "exact"
-    oversample: int = 8
-    power_iters: int = 4
+    oversample: int = 10
+    power_iters: int = 10
     bases_dtype: str | None = None
     r_dtype: str = "float32"
     trainable: tuple[str, ...] = ()

@@ -40,8 +40,8 @@ def _orthonormal(y: jax.Array) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("rank", "oversample", "power_iters"))
-def randomized_svd(w: jax.Array, rank: int, key: jax.Array, oversample: int = 8,
-                   power_iters: int = 4):
+def randomized_svd(w: jax.Array, rank: int, key: jax.Array, oversample: int = 10,
+                   power_iters: int = 10):
     """Halko, Martinsson & Tropp (2011), Alg. 4.4 + 5.1: a Gaussian range finder of
     rank + oversample columns, ``power_iters`` re-orthonormalised power iterations, then the
     exact SVD of the small projected matrix. The paper initialises LoRA-XS this way.
@@ -68,7 +68,7 @@ def randomized_svd(w: jax.Array, rank: int, key: jax.Array, oversample: int = 8,
 
 
 def truncated_svd(w: jax.Array, rank: int, *, method: str = "exact", key: jax.Array | None = None,
-                  oversample: int = 8, power_iters: int = 4, bottom: bool = False):
+                  oversample: int = 10, power_iters: int = 10, bottom: bool = False):
     """Dispatch to ``exact_svd`` or ``randomized_svd``; the bottom triplets always need the
     exact SVD (a range finder only sees the top of the spectrum)."""
     if method == "exact" or bottom:
