@@ -20,7 +20,7 @@ assets: setup
 
 test: setup assets
 	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) tests
-	$(VPY) -m ruff check loraxs_jax tests benchmarks configs train.py eval.py
+	$(VPY) -m ruff check loraxs_jax tests benchmarks configs train.py eval.py experiment.py lm_tasks.py sweep.py
 
 demo: setup
 	$(VPY) -m loraxs_jax.assets fetch minilm sst2
