@@ -41,6 +41,7 @@ from loraxs_jax.transform import (
     flatten,
     leaf_role,
     path_str,
+    unflatten,
 )
 
 FORMAT = "loraxs-jax/adapter-v1"
@@ -186,8 +187,6 @@ def _layout(names_by_rank: Mapping[int, list[str]]) -> dict[str, dict[str, Any]]
 
 
 def _plain(flat: Mapping[tuple, Any]) -> dict:
-    from loraxs_jax.transform import unflatten
-
     return unflatten(flat, {})
 
 
@@ -282,8 +281,6 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
         arr = jnp.asarray(value, dtype=old.dtype)
         sharding = getattr(old, "sharding", None)
         new[p] = jax.device_put(arr, sharding) if sharding is not None else arr
-    from loraxs_jax.transform import unflatten
-
     return unflatten(new, adapted)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -337,10 +337,6 @@ def adapted_kernels(params: Mapping) -> dict[tuple, dict[str, Any]]:
         if base_path in flat:
             d["kernel"] = flat[base_path]
     return out
-
-
-def _select(params: Mapping, keep: Callable[[tuple, str], bool]) -> dict[tuple, Any]:
-    return {p: v for p, v in flatten(params).items() if keep(p, path_str(p))}
 
 
 def count(params: Mapping, cfg: LoraXSConfig | None = None) -> dict[str, int]:
