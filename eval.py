@@ -37,20 +37,26 @@ def evaluate(config: ml_collections.ConfigDict, adapter: str | None, mode: str =
     out = Path(out) if out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
+    # Everything runs on the mesh of config.mesh: params sharded by the model's logical axes,
+    # adapters like their kernels, merge and predictions jitted with explicit shardings.
+    mesh, base, base_sh = experiment.place_params(config, model, model.params)
     runs: dict[str, tuple] = {}
     if mode == "base":
-        runs["base"] = (model.module.apply, model.params)
+        runs["base"] = (model.module.apply, base, base_sh)
     else:
-        adapted = lx.load_adapter(adapter, model.params)
+        _, adapted, adapted_sh = experiment.place_params(
+            config, model, lx.load_adapter(adapter, base), mesh)
         if mode in ("adapted", "both"):
-            runs["adapted"] = (lx.wrap(model.module.apply), adapted)
+            runs["adapted"] = (lx.wrap(model.module.apply), adapted, adapted_sh)
         if mode in ("merged", "both"):
-            runs["merged"] = (model.module.apply, lx.merge(adapted))
+            runs["merged"] = (model.module.apply, lx.merge(adapted, out_shardings=base_sh),
+                              base_sh)
     scores = {}
-    for name, (apply_fn, params) in runs.items():
+    for name, (apply_fn, params, shardings) in runs.items():
         kwargs = {"predictions": out / f"predictions_{name}.jsonl"} if out and getattr(
             task, "generative", False) else {}
-        scores[name] = task.evaluate(apply_fn, params, config.eval_batch_size, **kwargs)
+        predict = task.predict_fn(apply_fn, mesh, shardings)
+        scores[name] = task.evaluate(apply_fn, params, config.eval_batch_size, predict, **kwargs)
         log.info("%s: %s", name, scores[name])
         if out:
             (out / f"scores_{name}.json").write_text(json.dumps(scores[name], indent=2))

@@ -89,6 +89,22 @@ def build_model(config: ml_collections.ConfigDict, num_labels: int = 2) -> Model
     raise ValueError(f"config.model.kind={m.kind!r}: expected 'encoder' or 'decoder'")
 
 
+def place_params(config: ml_collections.ConfigDict, model: Model, params: dict, mesh=None):
+    """Shard ``params`` (base, adapted or merged) on the mesh of ``config.mesh``: base leaves by
+    the model's logical axes and the rules, LoRA-XS leaves like their kernel (A: input axes, B:
+    output axes, R replicated). Returns (mesh, placed params, their NamedSharding tree)."""
+    from loraxs_jax import sharding
+
+    if model.kind == "encoder":
+        from loraxs_jax.models.encoder import param_logical_axes
+    else:
+        from loraxs_jax.models.decoder import param_logical_axes
+    mesh = mesh or sharding.make_mesh(config.mesh)
+    base = sharding.param_shardings(model.params, param_logical_axes(model.config), mesh)
+    shardings = sharding.adapted_shardings(params, base)
+    return mesh, sharding.shard_params(params, shardings), shardings
+
+
 # ----------------------------------------------------------------------------- method
 def loraxs_config(config: ml_collections.ConfigDict) -> lx.LoraXSConfig:
     return lx.LoraXSConfig.from_section(config.loraxs, config.model.scan_layers)
@@ -171,6 +187,37 @@ def make_optimizer(config: ml_collections.ConfigDict, trainable: dict, lora_cfg:
     return tx
 
 
+def classifier_predict_fn(apply_fn, num_labels: int, mesh=None, param_shardings=None):
+    """``predict(params, batch) -> predictions`` for an encoder classifier: class ids, or the
+    score when ``num_labels == 1`` (STS-B). Jitted once; with a ``mesh`` (and the params'
+    ``NamedSharding`` tree) it is jitted with explicit shardings (``sharding.jit_predict``):
+    params as placed, the batch split along data+fsdp with each process contributing its rows,
+    predictions replicated. A batch data*fsdp does not divide is padded by repeating its last
+    row, and those predictions are dropped."""
+    from loraxs_jax import sharding
+
+    def predict(params, inputs):
+        logits = apply_fn({"params": params}, inputs["input_ids"], inputs["attention_mask"],
+                          inputs.get("token_type_ids"))
+        return logits[:, 0] if num_labels == 1 else jnp.argmax(logits, -1)
+
+    def inputs_of(batch):
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
+                if k in batch}
+
+    if mesh is None:
+        jitted = jax.jit(predict)
+        return lambda params, batch: jitted(params, inputs_of(batch))
+    jitted = sharding.jit_predict(predict, mesh, param_shardings)
+
+    def sharded(params, batch):
+        inputs, n = sharding.pad_rows(inputs_of(batch), sharding.batch_ways(mesh))
+        return jitted(params, sharding.shard_batch(inputs, mesh))[:n]
+
+    sharded.jitted = jitted
+    return sharded
+
+
 # ----------------------------------------------------------------------------- GLUE task
 class GlueTask:
     """Sequence classification (or STS-B regression) on a GLUE task with an encoder."""
@@ -238,12 +285,8 @@ class GlueTask:
         loss = jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
         return loss, {"tokens": jnp.sum(batch["attention_mask"])}
 
-    def predict_fn(self, apply_fn):
-        @jax.jit
-        def predict(params, batch):
-            logits = apply_fn({"params": params}, *self._inputs(batch))
-            return logits[:, 0] if self.num_labels == 1 else jnp.argmax(logits, -1)
-        return predict
+    def predict_fn(self, apply_fn, mesh=None, param_shardings=None):
+        return classifier_predict_fn(apply_fn, self.num_labels, mesh, param_shardings)
 
     def evaluate(self, apply_fn, params, batch_size: int, predict=None) -> dict[str, float]:
         from loraxs_jax.data.metrics import glue_metrics

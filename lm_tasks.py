@@ -71,31 +71,50 @@ class CausalLMTask:
         return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0), {
             "tokens": jnp.sum(batch["attention_mask"])}
 
-    def predict_fn(self, apply_fn):
-        return None
-
-    def generate(self, apply_fn, params, prompts: list[str]) -> list[str]:
+    def predict_fn(self, apply_fn, mesh=None, param_shardings=None):
+        """``generate(params, prompts) -> texts``: KV-cache generation in batches of
+        ``generation.batch_size``. With a ``mesh`` (and the params' shardings) the program is
+        jitted with explicit shardings and each batch is split along data+fsdp; a batch that
+        data*fsdp does not divide is padded with copies of its last prompt, whose generations are
+        dropped."""
         from loraxs_jax.data.lm import generation_batch
         from loraxs_jax.models.generate import generate
+        from loraxs_jax.sharding import batch_ways
 
         g = self.config.generation
-        out = []
-        for lo in range(0, len(prompts), g.batch_size):
-            chunk = prompts[lo:lo + g.batch_size]
-            batch = generation_batch(self.tokenizer, chunk, pad_id=self.pad_id,
-                                     max_length=self.config.task.max_length)
-            new = generate(apply_fn, params, self.model.config, batch["input_ids"],
-                           batch["attention_mask"], g.max_new_tokens,
-                           eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-            out += self.tokenizer.batch_decode(np.asarray(new), skip_special_tokens=True)
-        return out
+        ways = 1 if mesh is None else batch_ways(mesh)
+        if g.batch_size % ways:
+            log.warning("generation.batch_size=%d is not a multiple of the batch mesh axes "
+                        "data*fsdp = %d: each batch is padded to %d rows", g.batch_size, ways,
+                        -(-g.batch_size // ways) * ways)
+
+        def run(params, prompts: list[str]) -> list[str]:
+            out = []
+            for lo in range(0, len(prompts), g.batch_size):
+                chunk = prompts[lo:lo + g.batch_size]
+                padded = chunk + chunk[-1:] * (-len(chunk) % ways)
+                batch = generation_batch(self.tokenizer, padded, pad_id=self.pad_id,
+                                         max_length=self.config.task.max_length)
+                new = generate(apply_fn, params, self.model.config, batch["input_ids"],
+                               batch["attention_mask"], g.max_new_tokens,
+                               eos_token_id=self.eos_id, pad_token_id=self.pad_id, mesh=mesh,
+                               param_shardings=param_shardings)
+                out += self.tokenizer.batch_decode(np.asarray(new)[:len(chunk)],
+                                                   skip_special_tokens=True)
+            return out
+
+        return run
+
+    def generate(self, apply_fn, params, prompts: list[str]) -> list[str]:
+        return self.predict_fn(apply_fn)(params, prompts)
 
     def evaluate(self, apply_fn, params, batch_size: int, predict=None,
                  predictions: str | Path | None = None) -> dict[str, float]:
-        del batch_size, predict
+        del batch_size
+        generate = predict or self.predict_fn(apply_fn)
         scores, records = {}, []
         for name, (prompts, golds, scorer) in self.eval_sets.items():
-            gens = self.generate(apply_fn, params, list(prompts))
+            gens = generate(params, list(prompts))
             hits = [bool(scorer(g, y)) for g, y in zip(gens, golds)]
             scores[f"{name}_accuracy"] = float(np.mean(hits))
             records += [{"set": name, "prompt": p, "generation": g, "gold": y, "correct": h}

@@ -68,19 +68,13 @@ def place_on_mesh(config, model, method, tx):
     return (mesh, initial train state, frozen, state shardings, frozen shardings)."""
     from loraxs_jax import sharding
 
-    mesh = sharding.make_mesh(config.mesh)
-    if model.kind == "encoder":
-        from loraxs_jax.models.encoder import param_logical_axes
-    else:
-        from loraxs_jax.models.decoder import param_logical_axes
-    base = sharding.param_shardings(model.params, param_logical_axes(model.config), mesh)
-    shardings = sharding.adapted_shardings(method.params, base) if method.name in (
-        "loraxs", "lora") else base
-    method.params = sharding.shard_params(method.params, shardings)
+    mesh, method.params, shardings = experiment.place_params(config, model, method.params)
     trainable, frozen = method.split()
     t_sh = sharding.subtree_shardings(shardings, trainable)
     f_sh = sharding.subtree_shardings(shardings, frozen)
-    # AdamW's mu and nu take their param's sharding by propagation through zeros_like.
+    # AdamW's mu and nu take their param's sharding by propagation through zeros_like (masked
+    # multi_transform states defeat optax.tree_map_params); the train step then fixes these
+    # shardings explicitly as its in/out shardings.
     state = jax.jit(lambda t: {"trainable": t, "opt_state": tx.init(t),
                                "step": jnp.zeros((), jnp.int32)}, in_shardings=(t_sh,))(trainable)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
@@ -203,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     train_step = sharding.jit_train_step(make_train_step(task, apply_fn, tx, config.seed), mesh,
                                          state_sh, frozen_sh)
     rows = sharding.process_batch_slice(config.batch_size // accum, mesh)
-    predict = task.predict_fn(apply_fn)
+    predict = task.predict_fn(apply_fn, mesh, lx.combine(state_sh["trainable"], frozen_sh))
     writer = Writer(workdir)
 
     last_eval: dict[str, Any] = {}

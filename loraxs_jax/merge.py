@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
+from loraxs_jax.sharding import hashable
 from loraxs_jax.transform import adapted_kernels, flatten, leaf_role, path_str, unflatten
 
 
@@ -36,10 +39,6 @@ def _merged_kernels(kernels: dict, adapters: dict) -> dict:
             for k, w in kernels.items()}
 
 
-_merge_donated = jax.jit(_merged_kernels, donate_argnums=0)
-_merge_kept = jax.jit(_merged_kernels)
-
-
 def _keyed(flat: dict) -> dict:
     # jit needs string-keyed pytrees with a stable order; paths become '\x1f'-joined strings.
     return {"\x1f".join(map(str, p)): v for p, v in flat.items()}
@@ -49,14 +48,41 @@ def _unkeyed(d: dict) -> dict:
     return {tuple(k.split("\x1f")): v for k, v in d.items()}
 
 
-def merge(params: Mapping, donate: bool = False) -> Mapping:
+def _named(x) -> NamedSharding | None:
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, NamedSharding) else None
+
+
+@functools.lru_cache(maxsize=16)
+def _merge_program(donate: bool, in_key: tuple | None, out_key: tuple | None):
+    """The jitted merge for one (donation, input shardings, output shardings); without
+    shardings jit places the outputs itself (single device, or host arrays)."""
+    kwargs = {}
+    if in_key is not None:
+        kwargs = {"in_shardings": jax.tree.unflatten(in_key[0], in_key[1]),
+                  "out_shardings": jax.tree.unflatten(out_key[0], out_key[1])}
+    return jax.jit(_merged_kernels, donate_argnums=(0,) if donate else (), **kwargs)
+
+
+def merge(params: Mapping, donate: bool = False, out_shardings: Mapping | None = None
+          ) -> Mapping:
     """A plain param tree, structured like the tree given to ``apply``, with each adapted kernel
     replaced by W + (α/r)·A·R·B (float32 accumulation, cast to W's dtype) and the LoRA-XS leaves
     removed. The merged model runs with zero extra latency.
 
-    Jitted as one program over all adapted kernels; shardings of the inputs carry over to the
-    merged kernels. ``donate=True`` donates the kernels' buffers so they are updated in place
-    (the input tree must not be used afterwards): use it when memory is tight, e.g. a 7B model.
+    Jitted as one program over all adapted kernels. When the inputs are placed with
+    ``NamedSharding``s (e.g. ``sharding.shard_params`` with ``sharding.adapted_shardings``) the
+    program has explicit ``in_shardings`` (each input's own) and ``out_shardings``: by default
+    every merged kernel keeps its W's sharding, so merging a 7B model on a mesh never gathers a
+    kernel onto one device.
+
+    Args:
+      params: a tree from ``apply`` or ``load_adapter``.
+      donate: donate the kernels' buffers so they are updated in place (the input tree must not
+        be used afterwards): use it when memory is tight, e.g. a 7B model.
+      out_shardings: optional tree like the merged (plain) tree, a ``NamedSharding`` per leaf
+        (e.g. ``sharding.param_shardings`` for a serving mesh of another shape): each kernel is
+        merged in its W's layout and then moved into this one, one array at a time.
     """
     found = adapted_kernels(params)
     if not found:
@@ -66,10 +92,26 @@ def merge(params: Mapping, donate: bool = False) -> Mapping:
         raise ValueError(f"LoRA-XS leaves without their kernel: {missing[:5]}")
     kernels = _keyed({p: d.pop("kernel") for p, d in found.items()})
     adapters = _keyed(found)
-    fn = _merge_donated if donate else _merge_kept
-    out = {p: v for p, v in flatten(params).items() if not leaf_role(p[-1])}
-    out.update(_unkeyed(fn(kernels, adapters)))
-    return unflatten(out, params)
+    rest = {p: v for p, v in flatten(params).items() if not leaf_role(p[-1])}
+    in_sh = (jax.tree.map(_named, kernels), jax.tree.map(_named, adapters))
+    sharded = all(s is not None for s in jax.tree.leaves(in_sh, is_leaf=lambda x: x is None))
+    out_sh = in_sh[0] if sharded else None
+    if out_shardings is not None:
+        want = flatten(out_shardings)
+        lacking = [path_str(p) for p in rest if p not in want]
+        if lacking:
+            raise ValueError(f"out_shardings has no entry for {lacking[:5]}"
+                             f"{' ...' if len(lacking) > 5 else ''}")
+    fn = _merge_program(donate, hashable(in_sh) if sharded else None,
+                        hashable(out_sh) if sharded else None)
+    merged = _unkeyed(fn(kernels, adapters))
+    if out_shardings is not None:
+        # Merged in W's layout, then moved kernel by kernel: a layout change inside the merge
+        # program would let XLA hold every kernel's gathered copy at once.
+        rest = {p: jax.device_put(v, want[p]) for p, v in rest.items() if p not in merged}
+        merged = {p: jax.device_put(v, want[p], donate=True) for p, v in merged.items()}
+    rest.update(merged)
+    return unflatten(rest, params)
 
 
 @jax.jit

@@ -290,6 +290,13 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: An
 
 
 # ----------------------------------------------------------------------------- jit
+def hashable(shardings: Any) -> tuple:
+    """(treedef, leaves) of a tree of shardings, to key a cache of jitted programs; rebuild
+    the tree with ``jax.tree.unflatten(*key)``."""
+    leaves, treedef = jax.tree.flatten(shardings)
+    return treedef, tuple(leaves)
+
+
 def jit_sharded(fn: Callable, mesh: Mesh, in_shardings: Any, out_shardings: Any,
                 donate_argnums: Sequence[int] = (), rules: Sequence = DEFAULT_RULES) -> Callable:
     """``jax.jit(fn)`` with explicit shardings, traced under ``jax.set_mesh(mesh)`` and flax's
@@ -324,6 +331,17 @@ def jit_eval_step(step: Callable, mesh: Mesh, state_shardings: Any, frozen_shard
                   rules: Sequence = DEFAULT_RULES) -> Callable:
     """Jit ``step(state, frozen, batch) -> outputs``; nothing donated, outputs replicated."""
     return jit_sharded(step, mesh, (state_shardings, frozen_shardings, batch_sharding(mesh)),
+                       replicated(mesh), rules=rules)
+
+
+def jit_predict(fn: Callable, mesh: Mesh, param_shardings_: Any, n_replicated: int = 0,
+                rules: Sequence = DEFAULT_RULES) -> Callable:
+    """Jit ``fn(params, batch, *extras) -> outputs`` for evaluation and generation: params at
+    their shardings (nothing donated), every array of ``batch`` split along data+fsdp on its
+    leading axis, ``n_replicated`` further arguments (PRNG keys, scalars) replicated, and the
+    outputs replicated so every process holds all predictions."""
+    return jit_sharded(fn, mesh, (param_shardings_, batch_sharding(mesh),
+                                  *(replicated(mesh),) * n_replicated),
                        replicated(mesh), rules=rules)
 
 
@@ -365,6 +383,32 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
                                                       (x.shape[0] * n,) + x.shape[1:])
 
     return jax.tree.map(one, local_batch)
+
+
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways a batch is split: data * fsdp."""
+    return _batch_ways(mesh)
+
+
+def pad_rows(batch: Any, multiple: int) -> tuple[Any, int]:
+    """(batch with its last row repeated up to a multiple of ``multiple`` rows, the original row
+    count): evaluation batches of any size can then be split over data*fsdp, and the outputs
+    cut back with ``[:n]``."""
+    n = jax.tree.leaves(batch)[0].shape[0]
+    extra = -n % multiple
+    if not extra:
+        return batch, n
+    return jax.tree.map(lambda x: np.concatenate([np.asarray(x)] + [np.asarray(x)[-1:]] * extra),
+                        batch), n
+
+
+def shard_batch(full_batch: Any, mesh: Mesh) -> Any:
+    """Global arrays from a batch that every process holds whole (evaluation and generation
+    batches are small): each process contributes its :func:`process_batch_slice` of the rows.
+    Raises, naming the sizes, when data*fsdp does not divide the rows."""
+    rows = jax.tree.leaves(full_batch)[0].shape[0]
+    take = process_batch_slice(rows, mesh)
+    return global_batch(jax.tree.map(lambda x: np.asarray(x)[take], full_batch), mesh)
 
 
 # ----------------------------------------------------------------------------- multi-host

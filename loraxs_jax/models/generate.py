@@ -45,10 +45,15 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 0.0,
 
 
 @functools.lru_cache(maxsize=32)
-def _program(apply_fn, config, max_new_tokens, temperature, top_k, top_p):
-    """The jitted generation program, built once per model function and static settings."""
+def _program(apply_fn, config, max_new_tokens, temperature, top_k, top_p, mesh=None,
+             shardings_key=None):
+    """The jitted generation program, built once per model function, static settings and
+    placement. With a mesh it has explicit shardings (``sharding.jit_predict``): params as
+    placed (``shardings_key`` is their (treedef, leaves)), prompts split along data+fsdp, the
+    PRNG key, EOS ids and pad id replicated, the new tokens replicated."""
 
-    def run(params, input_ids, attention_mask, rng, eos, pad):
+    def run(params, prompts, rng, eos, pad):
+        input_ids, attention_mask = prompts["input_ids"], prompts["attention_mask"]
         b, p = input_ids.shape
         cache = init_cache(config, b, p + max_new_tokens)
         variables = {"params": params}
@@ -77,13 +82,18 @@ def _program(apply_fn, config, max_new_tokens, temperature, top_k, top_p):
         _, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, done, rng))
         return out
 
-    return jax.jit(run)
+    if mesh is None:
+        return jax.jit(run)
+    from loraxs_jax.sharding import jit_predict
+
+    return jit_predict(run, mesh, jax.tree.unflatten(*shardings_key), n_replicated=3)
 
 
 def generate(apply_fn: Callable, params, config: DecoderConfig, input_ids, attention_mask=None,
              max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, rng: jax.Array | None = None,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> jax.Array:
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
+             mesh=None, param_shardings=None) -> jax.Array:
     """Continues left-padded prompts.
 
     Args:
@@ -102,6 +112,10 @@ def generate(apply_fn: Callable, params, config: DecoderConfig, input_ids, atten
       rng: PRNG key for sampling (default key 0).
       eos_token_id: one id or several; a row stops after emitting one of them.
       pad_token_id: fills each row after its EOS (and the tail if all rows stop early).
+      mesh, param_shardings: run sharded (``sharding.make_mesh``; the params' ``NamedSharding``
+        tree): the program is jitted with explicit shardings, the prompts split along
+        data+fsdp (every process passes the whole batch and contributes its rows; data*fsdp must
+        divide B) and the KV cache follows by propagation.
     Returns:
       (B, max_new_tokens) int32 new tokens; a row's EOS is included, padding follows it.
     """
@@ -116,7 +130,16 @@ def generate(apply_fn: Callable, params, config: DecoderConfig, input_ids, atten
         eos_token_id = (eos_token_id,)
     eos = sorted(set(eos_token_id or ()))
     eos += [-1] * (4 - len(eos) % 4)  # padded to a multiple of 4: fewer distinct shapes to compile
-    program = _program(apply_fn, config, int(max_new_tokens), float(temperature), top_k, top_p)
+    if (mesh is None) != (param_shardings is None):
+        raise ValueError("generate: pass both mesh and param_shardings, or neither")
+    key = None
+    prompts = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if mesh is not None:
+        from loraxs_jax.sharding import hashable, shard_batch
+
+        key = hashable(param_shardings)
+        prompts = shard_batch(prompts, mesh)
+    program = _program(apply_fn, config, int(max_new_tokens), float(temperature), top_k, top_p,
+                       mesh, key)
     rng = jax.random.key(0) if rng is None else rng
-    return program(params, input_ids, attention_mask, rng, jnp.asarray(eos, jnp.int32),
-                   jnp.int32(pad_token_id))
+    return program(params, prompts, rng, jnp.asarray(eos, jnp.int32), jnp.int32(pad_token_id))
