@@ -34,6 +34,9 @@ def evaluate(config: ml_collections.ConfigDict, adapter: str | None, mode: str =
         raise ValueError(f"--mode={mode} needs --adapter=PATH (an adapter.safetensors)")
     model = experiment.build_model(config, experiment.num_labels_for(config))
     task = experiment.build_task(config, model)
+    from loraxs_jax.sharding import is_main_process
+
+    main = is_main_process()     # multi-process: every process evaluates, process 0 writes
     out = Path(out) if out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -53,12 +56,12 @@ def evaluate(config: ml_collections.ConfigDict, adapter: str | None, mode: str =
                               base_sh)
     scores = {}
     for name, (apply_fn, params, shardings) in runs.items():
-        kwargs = {"predictions": out / f"predictions_{name}.jsonl"} if out and getattr(
+        kwargs = {"predictions": out / f"predictions_{name}.jsonl"} if out and main and getattr(
             task, "generative", False) else {}
         predict = task.predict_fn(apply_fn, mesh, shardings)
         scores[name] = task.evaluate(apply_fn, params, config.eval_batch_size, predict, **kwargs)
         log.info("%s: %s", name, scores[name])
-        if out:
+        if out and main:
             (out / f"scores_{name}.json").write_text(json.dumps(scores[name], indent=2))
     if mode == "both":
         a, m = scores["adapted"][task.main_metric], scores["merged"][task.main_metric]
@@ -73,6 +76,9 @@ def main(argv):
     del argv
     from absl import flags
 
+    from loraxs_jax.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     FLAGS = flags.FLAGS

@@ -84,15 +84,20 @@ def place_on_mesh(config, model, method, tx):
 
 # ----------------------------------------------------------------------------- logging
 class Writer:
-    """metrics.jsonl + TensorBoard, one call per record."""
+    """metrics.jsonl + TensorBoard, one call per record; only process 0 of a multi-process job
+    writes (``enabled``), the others' calls do nothing."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, enabled: bool = True):
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(workdir / "tb"))
+        self.enabled = enabled
+        if enabled:
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(workdir / "tb"))
 
     def write(self, split: str, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         rec = {"split": split, "step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
@@ -100,6 +105,8 @@ class Writer:
             self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
     def close(self):
+        if not self.enabled:
+            return
         self.jsonl.close()
         self.tb.close()
 
@@ -160,7 +167,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     from loraxs_jax.checkpointing import CheckpointManager
 
     workdir = experiment.workdir_path(workdir)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    main = sharding.is_main_process()     # multi-process: all compute, process 0 writes files
+    if main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     t0 = time.time()
     model = experiment.build_model(config, experiment.num_labels_for(config))
     task = experiment.build_task(config, model)
@@ -198,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                                          state_sh, frozen_sh)
     rows = sharding.process_batch_slice(config.batch_size // accum, mesh)
     predict = task.predict_fn(apply_fn, mesh, lx.combine(state_sh["trainable"], frozen_sh))
-    writer = Writer(workdir)
+    writer = Writer(workdir, enabled=main)
 
     last_eval: dict[str, Any] = {}
 
@@ -218,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
     opt_step = int(state["step"]) // accum
     bar = tqdm(total=total, initial=opt_step, desc=f"{method.name} {task.name}", unit="step",
-               dynamic_ncols=True, mininterval=1.0)
+               dynamic_ncols=True, mininterval=1.0, disable=not main)
     window: list[dict] = []
     tokens, t_last = 0.0, time.time()
     batches = iter(stream)
@@ -262,7 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     final = last_eval["scores"] if last_eval.get("step") == opt_step else task.evaluate(
         apply_fn, lx.combine(state["trainable"], frozen), config.eval_batch_size, predict)
     adapter = save_trained(workdir / "adapter", method, state["trainable"], frozen)
-    plot_metrics(workdir, task.main_metric)
+    if main:
+        plot_metrics(workdir, task.main_metric)
     summary = {
         "method": method.name, "task": task.name,
         "rank": config.loraxs.rank if method.name in ("loraxs", "lora") else "-",
@@ -274,8 +284,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         "best_step": best["step"], "steps": opt_step,
         "init_seconds": round(init_s, 2), "total_seconds": round(time.time() - t0, 1),
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("\n" + summary_table(summary), flush=True)
+    if main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print("\n" + summary_table(summary), flush=True)
     return summary
 
 
@@ -287,11 +298,14 @@ def save_trained(path: Path, method: experiment.Method, trainable: dict, frozen:
     if method.name == "full":
         return None
     from loraxs_jax.adapters import atomic_write, safetensors_bytes
+    from loraxs_jax.sharding import is_main_process, sync, to_host
     from loraxs_jax.transform import flatten, path_str
 
-    tensors = {path_str(p): np.asarray(jax.device_get(v)) for p, v in flatten(trainable).items()}
+    tensors = {path_str(p): to_host(v) for p, v in flatten(trainable).items()}
     out = path.with_name(path.name + ".safetensors")
-    atomic_write(out, safetensors_bytes(tensors, {"method": method.name}))
+    if is_main_process():
+        atomic_write(out, safetensors_bytes(tensors, {"method": method.name}))
+    sync(f"save {out}")
     return out
 
 

@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from loraxs_jax.config import LoraXSConfig
 from loraxs_jax.models.checkpoint import SafetensorsFile
+from loraxs_jax.sharding import is_main_process, sync, to_host
 from loraxs_jax.transform import (
     Target,
     _unbox,
@@ -100,10 +102,18 @@ def _adapter_path(path: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------------- fingerprints
-def _sample(w: jax.Array) -> jax.Array:
+def _strided(w: jax.Array) -> jax.Array:
     flat = jnp.ravel(w)
     stride = max(1, flat.shape[0] // _SAMPLE)
     return flat[::stride][:_SAMPLE].astype(jnp.float32)
+
+
+def _sample(w: jax.Array) -> jax.Array:
+    """1,024 strided entries; replicated when ``w`` is sharded, so every process can read them."""
+    sharding = getattr(w, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return jax.jit(_strided, out_shardings=NamedSharding(sharding.mesh, PartitionSpec()))(w)
+    return _strided(w)
 
 
 def fingerprint(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | None = None) -> str:
@@ -145,12 +155,12 @@ def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
     for p, v in flat.items():
         role = leaf_role(p[-1])
         if role and role[1] == "R":
-            r = np.asarray(jax.device_get(_unbox(v)), dtype=dtype or _unbox(v).dtype)
+            r = np.asarray(to_host(_unbox(v)), dtype=dtype or _unbox(v).dtype)
             rank = r.shape[-1]
             rows.setdefault(rank, []).append(r.reshape(-1, rank, rank))
             adapted.setdefault(rank, []).append(path_str((*p[:-1], role[0])))
         elif include_extras and not role and cfg.trainable and cfg.is_extra_trainable(path_str(p)):
-            tensors[path_str(p)] = np.asarray(jax.device_get(_unbox(v)))
+            tensors[path_str(p)] = to_host(_unbox(v))
     if not adapted:
         raise ValueError("no *_loraxs_R leaves in these params: nothing to save "
                          "(save the tree returned by loraxs_jax.apply, not a merged one)")
@@ -172,7 +182,9 @@ def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
         "adapted": json.dumps(_layout(adapted), separators=(",", ":")),
     }
     out = _adapter_path(path)
-    atomic_write(out, safetensors_bytes(tensors, meta))
+    if is_main_process():          # multi-process: every process computes, process 0 writes
+        atomic_write(out, safetensors_bytes(tensors, meta))
+    sync(f"save_adapter {out}")
     return out
 
 
@@ -302,9 +314,11 @@ def cached_bases(base_params: Mapping, cfg: LoraXSConfig, cache_dir: str | os.Pa
     bases = compute_bases(base_params, cfg, targets)
     tensors = {}
     for name, (a, b) in bases.items():
-        tensors[adapter_key(name, "A")] = np.asarray(jax.device_get(a))
-        tensors[adapter_key(name, "B")] = np.asarray(jax.device_get(b))
-    atomic_write(file, safetensors_bytes(tensors, {"format": "loraxs-jax/bases-v1",
-                                                  "base_fingerprint": fp,
-                                                  "bases_config": json.dumps(cfg.bases_dict())}))
+        tensors[adapter_key(name, "A")] = to_host(a)
+        tensors[adapter_key(name, "B")] = to_host(b)
+    if is_main_process():
+        atomic_write(file, safetensors_bytes(tensors, {
+            "format": "loraxs-jax/bases-v1", "base_fingerprint": fp,
+            "bases_config": json.dumps(cfg.bases_dict())}))
+    sync(f"cached_bases {file}")
     return bases

@@ -345,6 +345,17 @@ def jit_predict(fn: Callable, mesh: Mesh, param_shardings_: Any, n_replicated: i
                        replicated(mesh), rules=rules)
 
 
+def embedding_lookup(embed: nn.Embed, ids: jax.Array, rows: str | None = "vocab") -> jax.Array:
+    """``embed(ids)``, with the table's 'embed' axis gathered before the lookup (what FSDP does
+    to every weight before use). Looking rows up in a table split along 'embed' yields
+    activations split along embed, and XLA can only reshard those to the batch split by
+    replicating the whole activation; gathered first, the lookup is split along the batch
+    directly. ``rows`` is the logical name of the table's rows (None for position and
+    token-type tables). Outside a mesh it is exactly ``embed(ids)``."""
+    table = nn.with_logical_constraint(embed.embedding, (rows, None))
+    return jax.numpy.take(table.astype(embed.dtype), ids, axis=0)
+
+
 # ----------------------------------------------------------------------------- data
 def _batch_ways(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -412,6 +423,31 @@ def shard_batch(full_batch: Any, mesh: Mesh) -> Any:
 
 
 # ----------------------------------------------------------------------------- multi-host
+def is_main_process() -> bool:
+    """Process 0 writes the run's files (metrics, adapters, plots, summaries); every process
+    takes part in the computations and collectives that produce them."""
+    return jax.process_index() == 0
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A whole array as numpy on this host, also when its shards live on other processes
+    (``process_allgather``, a collective: every process must call it)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (a no-op on one): e.g. after process 0 wrote a file that the
+    others read next."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def maybe_initialize_distributed() -> bool:
     """Call ``jax.distributed.initialize()`` when the environment describes a multi-process
     job; return whether it did. Call it before any other JAX call.

@@ -2,7 +2,6 @@
 data: outputs, resume-after-kill exactness, NaN handling, methods, merged == unmerged eval."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,47 +9,18 @@ import pytest
 import eval as evaluate_lib
 import loraxs_jax as lx
 import train
-from configs.minilm_sst2 import get_config
-from loraxs_jax.assets import asset_path
 from loraxs_jax.models.checkpoint import SafetensorsFile
+from tests.tiny_run import make_tiny_bert, tiny_config
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A tiny random BERT saved by transformers (PyTorch), with MiniLM's real tokenizer."""
-    torch = pytest.importorskip("torch")
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(folder, safe_serialization=True)
-    src = asset_path("minilm")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, folder / name)
-    return folder
+    pytest.importorskip("torch")
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
-def _config(folder, **over):
-    c = get_config("rank=4")
-    c.model.path = str(folder)
-    c.task.train_limit = 192
-    c.task.eval_limit = 96
-    c.batch_size = 16
-    c.num_train_steps = 6
-    c.eval_every_steps = 3
-    c.checkpoint_every_steps = 2
-    c.log_every_steps = 2
-    c.eval_batch_size = 48
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+_config = tiny_config
 
 
 def _r(path):

@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loraxs_jax.sharding import embedding_lookup
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
 REMAT_POLICIES = {
     "none": None,
@@ -316,7 +318,7 @@ class DecoderModel(nn.Module):
     def __call__(self, input_ids, mask, cos, sin, cache_kv, cache_index):
         """Returns final hidden states (B, T, hidden) and new (k, v), each (L, B, T, K, D)."""
         c = self.config
-        x = self.embed_tokens(input_ids)
+        x = embedding_lookup(self.embed_tokens, input_ids)
         if c.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(c.hidden_size), c.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

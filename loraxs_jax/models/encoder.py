@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loraxs_jax.models.checkpoint import Checkpoint
+from loraxs_jax.sharding import embedding_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -250,14 +251,15 @@ class Embeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
         cfg = self.config
-        x = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
-        x += _embed(cfg, cfg.max_positions, (None, "embed"), "position_embeddings")(
-            position_ids(input_ids, cfg))
+        x = embedding_lookup(_embed(cfg, cfg.vocab_size, ("vocab", "embed"), "word_embeddings"),
+                             input_ids)
+        x += embedding_lookup(_embed(cfg, cfg.max_positions, (None, "embed"),
+                                     "position_embeddings"), position_ids(input_ids, cfg), None)
         if cfg.type_vocab_size:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(input_ids)
-            x += _embed(cfg, cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(
-                token_type_ids)
+            x += embedding_lookup(_embed(cfg, cfg.type_vocab_size, (None, "embed"),
+                                         "token_type_embeddings"), token_type_ids, None)
         x = _layer_norm(cfg)(x)
         x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
         return _hidden(x)
