@@ -72,3 +72,62 @@ def test_math_eval_writes_predictions(tiny_llama, tmp_path):
             .splitlines()]
     assert len(rows) == 3 and {"prompt", "generation", "gold", "correct"} <= set(rows[0])
     assert rows[0]["prompt"].endswith("Let's think step by step.")
+
+
+
+def test_bf16_step_matches_float32(tiny_llama):
+    """decoder_base's numerics (the Mistral/Gemma/Llama configs: bf16 weights, compute and
+    bases, float32 R) compute the float32 loss and R-gradient to bf16 precision."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import loraxs_jax as lx
+    from configs.base import DECODER_TARGETS
+    from loraxs_jax.models.decoder import DecoderForCausalLM, load_decoder
+
+    ids = np.random.default_rng(0).integers(3, 500, (4, 24)).astype(np.int32)
+    out = {}
+    for name, dt, bases in (("f32", jnp.float32, None), ("bf16", jnp.bfloat16, "bfloat16")):
+        cfg, params = load_decoder(tiny_llama, dtype=dt, param_dtype=dt)
+        lora = lx.LoraXSConfig(rank=4, alpha=4.0, r_std=0.05, targets=DECODER_TARGETS,
+                               bases_dtype=bases)
+        trainable, frozen = lx.split(lx.apply(params, lora, jax.random.key(0)), lora)
+        apply = lx.wrap(DecoderForCausalLM(cfg).apply)
+
+        def loss_fn(t, frozen=frozen, apply=apply):
+            logits = apply({"params": lx.combine(t, frozen)}, ids[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), ids[:, 1:]).mean()
+
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(trainable)
+        assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+        out[name] = float(loss), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+    (l32, g32), (l16, g16) = out["f32"], out["bf16"]
+    assert abs(l16 - l32) < 1e-3 * abs(l32)        # measured 2e-6
+    cos = g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32))
+    assert cos > 0.999, cos                        # measured 0.99991
+
+
+def test_bf16_run_keeps_r_in_float32_and_merges(tiny_llama, tmp_path):
+    """train.py + eval.py end to end in decoder_base's bf16 numerics."""
+    import eval as evaluate_lib
+    import loraxs_jax as lx
+    from configs.base import decoder_base
+    from loraxs_jax.models.checkpoint import SafetensorsFile
+
+    c = _small(math_config(), tiny_llama)
+    ref = decoder_base("x", 4, 4.0)
+    c.model.dtype, c.model.param_dtype = ref.model.dtype, ref.model.param_dtype
+    c.loraxs.bases_dtype = ref.loraxs.bases_dtype
+    assert (c.model.dtype, c.loraxs.bases_dtype) == ("bfloat16", "bfloat16")
+    c.optim.lr, c.optim.warmup_ratio = 0.5, 0.0
+    s = train.train_and_evaluate(c, tmp_path / "bf16")
+    losses = [r["loss"] for r in train.read_metrics(tmp_path / "bf16") if r["split"] == "train"]
+    assert np.isfinite(losses).all() and s["trainable_params"] == 2 * 7 * 16
+    adapter = tmp_path / "bf16" / "adapter.safetensors"
+    assert lx.adapter_info(adapter)["config"].bases_dtype == "bfloat16"
+    r = SafetensorsFile(adapter).get("loraxs_R/r4")
+    assert r.dtype == np.float32 and np.abs(r).max() > 1e-3       # trained in float32
+    scores = evaluate_lib.evaluate(c, str(adapter), "both", tmp_path / "ev")
+    assert scores["agree"]["difference"] == 0.0
