@@ -16,6 +16,7 @@ stacked by ``nn.scan``); ``in_dims``/``out_dims`` split the remaining axes (a 2-
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import zlib
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, meta
+from jax.sharding import NamedSharding, PartitionSpec
 
 from loraxs_jax import svd as svd_lib
 from loraxs_jax.config import LoraXSConfig
@@ -193,7 +195,10 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
                   ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{kernel path: (A, B)} in float32, shaped (*stack, *in_dims, r) and (*stack, r, *out_dims).
 
-    Same-shaped matrices are SVD'd together (``svd_batch`` at a time, vmapped and jitted); the
+    Same-shaped matrices are SVD'd together (``svd_batch`` at a time, vmapped and jitted). For
+    kernels placed on a mesh of several devices each batch is split over all of them: every
+    device decomposes whole matrices of its own, in parallel, and no device ever holds more than
+    its share of one batch (a kernel's shards are never gathered whole on every device). The
     randomness of the randomized SVD and of the random inits comes from ``cfg.bases_seed`` and the
     kernel's path, so the config alone determines A and B for a given W.
     """
@@ -205,18 +210,36 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
         groups.setdefault((t.m, t.n, t.rank), []).append(t)
     out: dict[str, tuple[jax.Array, jax.Array]] = {}
     for (m, n, r), ts in groups.items():
-        mats, keys, owners = [], [], []
+        mats, keys = [], []
+        split = None          # NamedSharding splitting a batch of whole matrices over the mesh
         for t in ts:
-            w = _gathered(jnp.asarray(_unbox(flat[t.path]))).reshape((t.count, m, n))
+            w = jnp.asarray(_unbox(flat[t.path]))
+            split = split or _matrix_batch_sharding(w)
+            w = (w if split else _gathered(w)).reshape((t.count, m, n))
             k = path_key(base_key, t.name)
             for i in range(t.count):
                 mats.append(w[i])
                 keys.append(jax.random.fold_in(k, i))
-                owners.append(t)
         a_all, b_all = [], []
-        for lo in range(0, len(mats), cfg.svd_batch):
-            w = jnp.stack([x.astype(jnp.float32) for x in mats[lo:lo + cfg.svd_batch]])
-            a, b = _bases_jit(w, jnp.stack(keys[lo:lo + cfg.svd_batch]), r, cfg)
+        ways = split.mesh.size if split else 1
+        chunk = -(-cfg.svd_batch // ways) * ways
+        for lo in range(0, len(mats), chunk):
+            w, ks = jnp.stack(mats[lo:lo + chunk]), jnp.stack(keys[lo:lo + chunk])
+            if split:             # each device decomposes its own matrices
+                got = w.shape[0]
+                pad = -got % ways
+                if pad:
+                    w = jnp.concatenate([w] + [w[-1:]] * pad)
+                    ks = jnp.concatenate([ks] + [ks[-1:]] * pad)
+                w = _to_matrix_batch(w)
+                # keys travel as host data: a one-device array cannot be put on a mesh that
+                # spans other processes, a numpy array that every process holds can
+                ks = jax.device_put(np.asarray(jax.random.key_data(ks)),
+                                    NamedSharding(split.mesh, PartitionSpec(w.sharding.spec[0])))
+                a, b = _bases_program(r, cfg, w.sharding)(w, ks)
+                a, b = a[:got], b[:got]
+            else:
+                a, b = _bases_jit(w.astype(jnp.float32), ks, r, cfg)
             a_all.append(a)
             b_all.append(b)
         a_all = jnp.concatenate(a_all) if len(a_all) > 1 else a_all[0]
@@ -230,15 +253,67 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
     return out
 
 
+def _matrix_batch_sharding(w) -> NamedSharding | None:
+    """For a kernel on a mesh of several devices: a sharding that splits a batch of whole
+    matrices along its first axis over every device, so the SVDs run in parallel and each device
+    holds only its own ~svd_batch/devices matrices. None off a mesh, under tracing, or on a
+    mesh with Explicit axes (``sharding.make_mesh`` makes Auto ones)."""
+    sharding = getattr(w, "sharding", None)
+    if (isinstance(w, jax.core.Tracer) or not isinstance(sharding, NamedSharding)
+            or sharding.mesh.size == 1):
+        return None
+    if any(t != jax.sharding.AxisType.Auto for t in sharding.mesh.axis_types):
+        return None           # Explicit axes type every slice's sharding: gather instead
+    return NamedSharding(sharding.mesh, PartitionSpec(tuple(sharding.mesh.axis_names), None, None))
+
+
+def _to_matrix_batch(w: jax.Array) -> jax.Array:
+    """Reshard a stack of matrices (b, m, n) so that the batch axis is split over every mesh
+    axis and each matrix is whole on its device. Done one mesh axis at a time: first the axes
+    the matrices are replicated over (a local slice), then each axis splitting m or n moves to
+    the batch axis (one all-to-all each). A single jump between such layouts makes XLA replicate
+    the whole stack on every device first."""
+    sharding = w.sharding
+    if not isinstance(sharding, NamedSharding):
+        return jax.device_put(w, _matrix_batch_sharding(w))
+    mesh = sharding.mesh
+
+    def axes(e) -> tuple[str, ...]:
+        return () if e is None else (e,) if isinstance(e, str) else tuple(e)
+
+    spec = [axes(e) for e in tuple(sharding.spec) + (None,) * (3 - len(sharding.spec))]
+    used = {a for e in spec for a in e}
+    lead = list(spec[0]) + [a for a in mesh.axis_names if a not in used]
+    rest = [list(spec[1]), list(spec[2])]
+
+    def put(x):
+        sp = PartitionSpec(tuple(lead) or None, tuple(rest[0]) or None, tuple(rest[1]) or None)
+        return jax.device_put(x, NamedSharding(mesh, sp))
+
+    if len(lead) > len(spec[0]):
+        w = put(w)
+    for dim in (0, 1):
+        while rest[dim]:
+            lead.append(rest[dim].pop(0))
+            w = put(w)
+    return w
+
+
+@functools.lru_cache(maxsize=64)
+def _bases_program(rank: int, cfg: LoraXSConfig, split: NamedSharding):
+    keys = NamedSharding(split.mesh, PartitionSpec(split.spec[0]))
+    return jax.jit(lambda w, kd: _bases_for_matrices(w.astype(jnp.float32),
+                                                     jax.random.wrap_key_data(kd), rank, cfg),
+                   in_shardings=(split, keys), out_shardings=(split, split))
+
+
 def _gathered(w: jax.Array) -> jax.Array:
     """One kernel, replicated: LAPACK-style SVDs need whole matrices. The bases are placed back
-    on the kernel's sharding afterwards (``_place_like``), so only one group of matrices is ever
-    gathered at a time."""
+    on the kernel's sharding afterwards (``_place_like``)."""
     sharding = getattr(w, "sharding", None)
-    if isinstance(w, jax.core.Tracer) or not isinstance(sharding, jax.sharding.NamedSharding):
+    if isinstance(w, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
         return w
-    return jax.device_put(w, jax.sharding.NamedSharding(sharding.mesh,
-                                                        jax.sharding.PartitionSpec()))
+    return jax.device_put(w, NamedSharding(sharding.mesh, PartitionSpec()))
 
 
 _bases_jit = jax.jit(_bases_for_matrices, static_argnums=(2, 3))

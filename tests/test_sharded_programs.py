@@ -167,3 +167,47 @@ def test_unscanned_decoder_merge_keeps_each_kernels_sharding():
         assert merged[path].sharding.is_equivalent_to(s, merged[path].ndim), path_str(path)
     o = ("model", "layers_0", "self_attn", "o_proj", "kernel")
     assert merged[o].sharding.spec == P("tensor", "fsdp")
+
+
+@pytest.mark.parametrize("init, method, atol", [("svd", "exact", 1e-6),
+                                                ("svd_no_sigma", "randomized", 1e-4),
+                                                ("svd_random", "exact", 1e-4)])
+def test_bases_of_sharded_kernels_are_computed_split_over_the_mesh(init, method, atol):
+    """On a mesh, every device decomposes whole matrices of its own (the SVD batch is split
+    over all 8 devices, padded when it does not divide); A and B equal the one-device bases."""
+    from loraxs_jax import transform
+
+    cfg = dataclasses.replace(DEC, scan_layers=False, num_layers=3)
+    lora = lx.LoraXSConfig(rank=4, targets=DEC_LORA.targets, init=init, svd_method=method)
+    base = dec.init_params(cfg, jax.random.key(6))
+    want = transform.compute_bases(base, lora)
+    mesh = mesh_of((2, 2, 2))
+    placed = sh.shard_params(base, sh.param_shardings(base, dec.param_logical_axes(cfg), mesh))
+    before = transform._bases_program.cache_info()
+    got = transform.compute_bases(placed, lora)
+    after = transform._bases_program.cache_info()
+    # one call per shape group: q,k,v,o 32x32; gate,up 32x64; down 64x32
+    assert after.hits + after.misses - before.hits - before.misses == 3
+    split = P(("data", "fsdp", "tensor"), None, None)
+    assert transform._matrix_batch_sharding(placed["lm_head"]["kernel"]).spec == split
+    assert transform._matrix_batch_sharding(base["lm_head"]["kernel"]) is None  # one device
+    for name, (a, b) in want.items():
+        np.testing.assert_allclose(np.asarray(got[name][0]), np.asarray(a), atol=atol, err_msg=name)
+        np.testing.assert_allclose(np.asarray(got[name][1]), np.asarray(b), atol=atol, err_msg=name)
+
+
+def test_matrix_batch_reshard_moves_one_axis_at_a_time():
+    from jax.sharding import NamedSharding
+
+    from loraxs_jax import transform
+
+    mesh = mesh_of((2, 2, 2))
+    x = np.arange(8 * 4 * 8, dtype=np.float32).reshape(8, 4, 8)
+    for spec, want in [(P(None, "fsdp", "tensor"), P(("data", "fsdp", "tensor"), None, None)),
+                       (P(None, None, ("tensor", "fsdp")), P(("data", "tensor", "fsdp"), None, None)),
+                       (P(), P(("data", "fsdp", "tensor"), None, None)),
+                       (P("data", None, "tensor"), P(("data", "fsdp", "tensor"), None, None))]:
+        got = transform._to_matrix_batch(jax.device_put(x, NamedSharding(mesh, spec)))
+        assert got.sharding.spec == want, spec
+        assert got.addressable_shards[0].data.shape == (1, 4, 8)     # whole matrices
+        np.testing.assert_array_equal(np.asarray(got), x)
