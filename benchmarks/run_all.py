@@ -89,8 +89,11 @@ def write_readme(results: dict, smoke: bool, took: dict | None = None) -> Path:
     out = common.results_dir(smoke)
     m = common.machine()
     parts = [f"# Benchmark results{' (smoke)' if smoke else ''}\n",
-             f"Latest `python -m benchmarks.run_all{' --smoke' if smoke else ''}`: {m['date_utc']}, "
-             f"{m['cpu']} × {m['cores']} cores, {m['backend']}, jax {m['jax']}, git {m['git']}. "
+             (f"Latest `python -m benchmarks.run_all{' --smoke' if smoke else ''}`: {m['date_utc']}, "
+              f"{m['cpu']} × {m['cores']} cores, {m['backend']}, jax {m['jax']}, git {m['git']}. "
+              if took else f"Re-rendered {m['date_utc']} (git {m['git']}) from each benchmark's "
+              "latest JSON; every section below starts with the date, machine load and commit of "
+              "its own run. "),
              "Ratios are measured side by side in one process (interleaved rounds, medians); "
              "absolute times on this shared machine are noisy.\n",
              "## Headline\n", *headline(results), ""]
