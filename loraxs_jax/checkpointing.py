@@ -77,7 +77,10 @@ class CheckpointManager:
     def __init__(self, workdir: str | os.PathLike, keep: int = 3, *, async_save: bool = False):
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 (or None for all), got {keep}")
-        self.directory = epath.Path(workdir)
+        # orbax's tensorstore writer wants absolute paths: "runs/demo" (what make demo passes)
+        # fails at the first save otherwise. URLs (gs://...) are left alone.
+        path = os.fspath(workdir)
+        self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
         self._mngr = ocp.CheckpointManager(
             self.directory, item_names=(_STATE, _META),
             options=ocp.CheckpointManagerOptions(

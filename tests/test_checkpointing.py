@@ -70,3 +70,18 @@ def test_keep_latest_and_half_written_checkpoints(tmp_path):
         mngr.restore(step=1)
     with pytest.raises(ValueError, match="keep must be >= 1"):
         CheckpointManager(tmp_path, keep=0)
+
+
+def test_a_relative_directory_works(tmp_path, monkeypatch):
+    """`make demo` passes --workdir=runs/demo: orbax's writer refuses relative paths, so the
+    manager resolves them (it failed at the demo's first save)."""
+    monkeypatch.chdir(tmp_path)
+    mesh = mesh_of((8, 1, 1))
+    x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("data")))
+    mngr = CheckpointManager("runs/demo/checkpoints", keep=2)
+    mngr.save(1, {"x": x}, {"opt_step": 1})
+    assert (tmp_path / "runs" / "demo" / "checkpoints" / "1").is_dir()
+    monkeypatch.chdir("/")            # a later cwd change does not move the checkpoints
+    state, meta = mngr.restore(target={"x": x})
+    np.testing.assert_array_equal(np.asarray(state["x"]), np.arange(8.0))
+    assert meta == {"opt_step": 1}
