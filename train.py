@@ -72,12 +72,15 @@ def place_on_mesh(config, model, method, tx):
     trainable, frozen = method.split()
     t_sh = sharding.subtree_shardings(shardings, trainable)
     f_sh = sharding.subtree_shardings(shardings, frozen)
-    # AdamW's mu and nu take their param's sharding by propagation through zeros_like (masked
-    # multi_transform states defeat optax.tree_map_params); the train step then fixes these
-    # shardings explicitly as its in/out shardings.
-    state = jax.jit(lambda t: {"trainable": t, "opt_state": tx.init(t),
-                               "step": jnp.zeros((), jnp.int32)}, in_shardings=(t_sh,))(trainable)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    def init(t):
+        return {"trainable": t, "opt_state": tx.init(t), "step": jnp.zeros((), jnp.int32)}
+
+    # Explicit: AdamW's mu and nu (and MultiSteps' accumulators) like their param, the rest
+    # (counts, schedule state) replicated.
+    abstract = jax.eval_shape(init, trainable)
+    state_sh = {"trainable": t_sh, "step": sharding.replicated(mesh),
+                "opt_state": sharding.opt_state_shardings(abstract["opt_state"], t_sh, mesh)}
+    state = jax.jit(init, in_shardings=(t_sh,), out_shardings=state_sh)(trainable)
     log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     return mesh, state, frozen, state_sh, f_sh
 

@@ -223,7 +223,7 @@ def _layout(model_config, lora_cfg, mesh, rules, learning_rate):
     tx = optax.adamw(learning_rate)
     t_sh = sh.subtree_shardings(all_sh, trainable)
     state = {"params": trainable, "opt": jax.eval_shape(tx.init, trainable)}
-    state_sh = {"params": t_sh, "opt": sh.opt_state_shardings(tx, state["opt"], t_sh, mesh)}
+    state_sh = {"params": t_sh, "opt": sh.opt_state_shardings(state["opt"], t_sh, mesh)}
     return adapted, all_sh, trainable, frozen, state, state_sh, tx
 
 

@@ -44,7 +44,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -280,13 +279,37 @@ def shard_params(params: Any, shardings: Any, donate: bool = False) -> Any:
     return jax.device_put(params, shardings, donate=donate)
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any,
-                        param_shardings_: Any, mesh: Mesh) -> Any:
-    """Shardings of ``tx``'s state: per-param leaves (AdamW mu, nu) like their param, the rest
-    (step counts) replicated. ``optax.tree_map_params`` tells the two apart."""
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings_,
-                                 transform_non_params=lambda _: replicated(mesh),
-                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+def opt_state_shardings(abstract_opt_state: Any, param_shardings_: Any, mesh: Mesh) -> Any:
+    """Shardings of an optimizer state: every per-param leaf (AdamW's mu and nu, MultiSteps'
+    accumulated gradients, ...) like its param, everything else (step counts, schedule state)
+    replicated.
+
+    A leaf belongs to a param when the trailing dict keys of its path are exactly that param's
+    path, which is how optax lays out per-param state. Unlike ``optax.tree_map_params`` this
+    also reads ``multi_transform`` states, whose groups hold ``MaskedNode``s in place of the
+    other groups' params (our R/head learning-rate split).
+
+    Args:
+      abstract_opt_state: ``tx.init(params)`` or its ``jax.eval_shape``.
+      param_shardings_: a nested dict of ``NamedSharding`` like the params ``tx`` was built for.
+      mesh: the mesh (for the replicated leaves).
+    """
+    by_path = {tuple(map(str, p)): s for p, s in flatten(param_shardings_).items()}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_opt_state)
+    out = []
+    for path, leaf in leaves:
+        keys: list[str] = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.insert(0, str(k.key))
+        s = by_path.get(tuple(keys))
+        shape = tuple(getattr(leaf, "shape", ()))
+        if s is not None and len(s.spec) > len(shape):
+            raise ValueError(f"optimizer state leaf {jax.tree_util.keystr(path)} of shape "
+                             f"{shape} cannot take its param's sharding {s.spec}")
+        out.append(s if s is not None else replicated(mesh))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # ----------------------------------------------------------------------------- jit

@@ -81,7 +81,7 @@ def sharded_setup(mesh):
     trainable, frozen = lx.split(adapted, LORA)
     t_sh, f_sh = sh.subtree_shardings(all_sh, trainable), sh.subtree_shardings(all_sh, frozen)
     state = init_state(trainable)
-    state_sh = {"params": t_sh, "opt": sh.opt_state_shardings(make_tx(), state["opt"], t_sh, mesh),
+    state_sh = {"params": t_sh, "opt": sh.opt_state_shardings(state["opt"], t_sh, mesh),
                 "step": sh.replicated(mesh)}
     return adapted, all_sh, sh.shard_params(state, state_sh), state_sh, frozen, f_sh
 
@@ -259,3 +259,43 @@ def test_maybe_initialize_distributed_is_a_noop_on_one_host(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert sh.maybe_initialize_distributed() is False
+
+
+def test_opt_state_shardings_read_masked_multi_transform_states():
+    """The train.py optimizer (multi_transform R/head groups, MultiSteps accumulation): every
+    per-param leaf gets its param's sharding, counts are replicated, and init lands there."""
+    import ml_collections
+
+    from experiment import make_optimizer
+
+    mesh = mesh_of((2, 2, 2))
+    lora = lx.LoraXSConfig(rank=4, alpha=8.0, stacked_axes=1, trainable=(r"^lm_head/",),
+                           targets=LORA.targets)
+    base_sh = sh.param_shardings(dec.param_shapes(CFG), dec.param_logical_axes(CFG), mesh)
+    adapted = lx.apply(sh.shard_params(base_params(), base_sh), lora, 1)
+    trainable, _ = lx.split(adapted, lora)
+    t_sh = sh.subtree_shardings(sh.adapted_shardings(adapted, base_sh), trainable)
+    config = ml_collections.ConfigDict({"method": "loraxs", "optim": {
+        "lr": 1e-2, "head_lr": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+        "warmup_steps": 0, "warmup_ratio": 0.0, "schedule": "linear", "grad_clip": 1.0,
+        "grad_accum": 2}})
+    tx = make_optimizer(config, trainable, lora, 10)
+    abstract = jax.eval_shape(tx.init, trainable)
+    got = sh.opt_state_shardings(abstract, t_sh, mesh)
+    suffix = {"".join(f"['{k}']" for k in p): s for p, s in flatten(t_sh).items()}
+    matched = 0
+    for path, s in jax.tree_util.tree_flatten_with_path(got)[0]:
+        name = jax.tree_util.keystr(path)
+        owner = [v for k, v in suffix.items() if name.endswith(k)]
+        if owner:
+            assert s == owner[0], name
+            matched += 1
+        else:
+            assert s.spec == P(), name                  # counts, schedule state: replicated
+    # per param: MultiSteps accumulator + the group's mu and nu (the other group's are masked)
+    assert matched == 3 * len(flatten(trainable))
+    head = [s for p, s in flatten(t_sh).items() if p[0] == "lm_head"]
+    assert head and head[0].spec == P("fsdp", "tensor")
+    state = jax.jit(tx.init, in_shardings=(t_sh,), out_shardings=got)(
+        sh.shard_params(trainable, t_sh))
+    assert jax.tree.map(lambda x: x.sharding, state) == got
