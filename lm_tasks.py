@@ -79,7 +79,7 @@ class CausalLMTask:
         dropped."""
         from loraxs_jax.data.lm import generation_batch
         from loraxs_jax.models.generate import generate
-        from loraxs_jax.sharding import batch_ways
+        from loraxs_jax.sharding import batch_ways, pad_rows
 
         g = self.config.generation
         ways = 1 if mesh is None else batch_ways(mesh)
@@ -91,15 +91,15 @@ class CausalLMTask:
         def run(params, prompts: list[str]) -> list[str]:
             out = []
             for lo in range(0, len(prompts), g.batch_size):
-                chunk = prompts[lo:lo + g.batch_size]
-                padded = chunk + chunk[-1:] * (-len(chunk) % ways)
-                batch = generation_batch(self.tokenizer, padded, pad_id=self.pad_id,
+                batch = generation_batch(self.tokenizer, prompts[lo:lo + g.batch_size],
+                                         pad_id=self.pad_id,
                                          max_length=self.config.task.max_length)
+                batch, n = pad_rows(batch, ways)
                 new = generate(apply_fn, params, self.model.config, batch["input_ids"],
                                batch["attention_mask"], g.max_new_tokens,
                                eos_token_id=self.eos_id, pad_token_id=self.pad_id, mesh=mesh,
                                param_shardings=param_shardings)
-                out += self.tokenizer.batch_decode(np.asarray(new)[:len(chunk)],
+                out += self.tokenizer.batch_decode(np.asarray(new)[:n],
                                                    skip_special_tokens=True)
             return out
 

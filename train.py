@@ -72,6 +72,7 @@ def place_on_mesh(config, model, method, tx):
     trainable, frozen = method.split()
     t_sh = sharding.subtree_shardings(shardings, trainable)
     f_sh = sharding.subtree_shardings(shardings, frozen)
+
     def init(t):
         return {"trainable": t, "opt_state": tx.init(t), "step": jnp.zeros((), jnp.int32)}
 

@@ -380,14 +380,15 @@ def embedding_lookup(embed: nn.Embed, ids: jax.Array, rows: str | None = "vocab"
 
 
 # ----------------------------------------------------------------------------- data
-def _batch_ways(mesh: Mesh) -> int:
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways a batch is split: data * fsdp."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def process_batch_slice(global_batch_size: int, mesh: Mesh) -> slice:
     """The rows of each global batch this process loads (processes take equal contiguous
     slices, in ``jax.process_index()`` order)."""
-    ways = _batch_ways(mesh)
+    ways = batch_ways(mesh)
     if global_batch_size % ways:
         raise ValueError(f"global batch size {global_batch_size} is not divisible by the batch "
                          f"mesh axes data*fsdp = {mesh.shape['data']}*{mesh.shape['fsdp']} = "
@@ -409,7 +410,7 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
 
     def one(x):
         x = np.asarray(x)
-        ways = _batch_ways(mesh)
+        ways = batch_ways(mesh)
         if (x.shape[0] * n) % ways:
             raise ValueError(f"batch of {x.shape[0]} rows per process x {n} processes is not "
                              f"divisible by the batch mesh axes data*fsdp = {ways}")
@@ -417,11 +418,6 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
                                                       (x.shape[0] * n,) + x.shape[1:])
 
     return jax.tree.map(one, local_batch)
-
-
-def batch_ways(mesh: Mesh) -> int:
-    """How many ways a batch is split: data * fsdp."""
-    return _batch_ways(mesh)
 
 
 def pad_rows(batch: Any, multiple: int) -> tuple[Any, int]:

@@ -231,11 +231,7 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
                 if pad:
                     w = jnp.concatenate([w] + [w[-1:]] * pad)
                     ks = jnp.concatenate([ks] + [ks[-1:]] * pad)
-                w = _to_matrix_batch(w)
-                # keys travel as host data: a one-device array cannot be put on a mesh that
-                # spans other processes, a numpy array that every process holds can
-                ks = jax.device_put(np.asarray(jax.random.key_data(ks)),
-                                    NamedSharding(split.mesh, PartitionSpec(w.sharding.spec[0])))
+                w = _to_matrix_batch(w, split.mesh)
                 a, b = _bases_program(r, cfg, w.sharding)(w, ks)
                 a, b = a[:got], b[:got]
             else:
@@ -267,21 +263,20 @@ def _matrix_batch_sharding(w) -> NamedSharding | None:
     return NamedSharding(sharding.mesh, PartitionSpec(tuple(sharding.mesh.axis_names), None, None))
 
 
-def _to_matrix_batch(w: jax.Array) -> jax.Array:
+def _to_matrix_batch(w: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """Reshard a stack of matrices (b, m, n) so that the batch axis is split over every mesh
     axis and each matrix is whole on its device. Done one mesh axis at a time: first the axes
     the matrices are replicated over (a local slice), then each axis splitting m or n moves to
     the batch axis (one all-to-all each). A single jump between such layouts makes XLA replicate
     the whole stack on every device first."""
-    sharding = w.sharding
-    if not isinstance(sharding, NamedSharding):
-        return jax.device_put(w, _matrix_batch_sharding(w))
-    mesh = sharding.mesh
-
     def axes(e) -> tuple[str, ...]:
         return () if e is None else (e,) if isinstance(e, str) else tuple(e)
 
-    spec = [axes(e) for e in tuple(sharding.spec) + (None,) * (3 - len(sharding.spec))]
+    # a layout XLA did not express on the mesh counts as replicated: one put
+    named = isinstance(w.sharding, NamedSharding)
+    mesh = mesh or w.sharding.mesh
+    now = tuple(w.sharding.spec) if named else ()
+    spec = [axes(e) for e in now + (None,) * (3 - len(now))]
     used = {a for e in spec for a in e}
     lead = list(spec[0]) + [a for a in mesh.axis_names if a not in used]
     rest = [list(spec[1]), list(spec[2])]
@@ -301,10 +296,18 @@ def _to_matrix_batch(w: jax.Array) -> jax.Array:
 
 @functools.lru_cache(maxsize=64)
 def _bases_program(rank: int, cfg: LoraXSConfig, split: NamedSharding):
+    """``(w, keys) -> (A, B)`` for matrices split over the mesh by ``split``, keys alike."""
     keys = NamedSharding(split.mesh, PartitionSpec(split.spec[0]))
-    return jax.jit(lambda w, kd: _bases_for_matrices(w.astype(jnp.float32),
-                                                     jax.random.wrap_key_data(kd), rank, cfg),
-                   in_shardings=(split, keys), out_shardings=(split, split))
+    jitted = jax.jit(lambda w, kd: _bases_for_matrices(w.astype(jnp.float32),
+                                                       jax.random.wrap_key_data(kd), rank, cfg),
+                     in_shardings=(split, keys), out_shardings=(split, split))
+
+    def run(w, ks):
+        # keys travel as host data: a one-device array cannot be put on a mesh that spans
+        # other processes, a numpy array that every process holds can
+        return jitted(w, jax.device_put(np.asarray(jax.random.key_data(ks)), keys))
+
+    return run
 
 
 def _gathered(w: jax.Array) -> jax.Array:
