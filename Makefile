@@ -16,14 +16,14 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 assets: setup
-	$(VPY) -m loraxs_jax.assets fetch all
+	$(VPY) -m loraxs_jax.experiments.assets fetch all
 
 test: setup assets
 	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) tests
-	$(VPY) -m ruff check loraxs_jax tests benchmarks configs train.py eval.py experiment.py lm_tasks.py sweep.py
+	$(VPY) -m ruff check loraxs_jax tests benchmarks configs train.py eval.py
 
 demo: setup
-	$(VPY) -m loraxs_jax.assets fetch minilm sst2
+	$(VPY) -m loraxs_jax.experiments.assets fetch minilm sst2
 	$(VPY) train.py --config=configs/minilm_sst2.py --workdir=runs/demo
 
 bench: setup assets

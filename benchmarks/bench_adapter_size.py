@@ -20,29 +20,37 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 import loraxs_jax
 from benchmarks import common
-from loraxs_jax.adapters import _ST_DTYPES
+from loraxs_jax.bases import find_targets
 from loraxs_jax.models import decoder as dec
 from loraxs_jax.models import encoder as enc
-from loraxs_jax.transform import find_targets, flatten, leaf_role, unflatten
+from loraxs_jax.tree import flatten, leaf_role, unflatten
 
 PAPER_RANKS = (4, 8, 12, 16, 20, 25)
 F32 = np.dtype(np.float32)
+# safetensors' dtype names, and its writer's order of tensors: by dtype (this enum order,
+# descending), then by name.
+_ST_NAMES = {np.dtype(np.float64): "F64", F32: "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
+             np.dtype(np.float16): "F16"}
+_ST_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32",
+             "F32", "F64", "I64", "U64")
 
 
 def safetensors_size(specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                      metadata: Mapping[str, str] | None = None) -> int:
-    """Exact size of the safetensors file ``loraxs_jax.adapters.safetensors_bytes`` would write
-    for tensors of these shapes and dtypes, without making them."""
+    """Exact size of the safetensors file ``safetensors.numpy.save`` (what ``loraxs_jax.io``
+    writes) makes of tensors of these shapes and dtypes, without making them."""
     header: dict = {"__metadata__": dict(metadata or {})}
     offset = 0
-    for name in sorted(specs):
+    order = sorted(specs, key=lambda k: (-_ST_ORDER.index(_ST_NAMES[np.dtype(specs[k][1])]), k))
+    for name in order:
         shape, dtype = specs[name]
         n = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _ST_DTYPES[np.dtype(dtype)], "shape": list(shape),
+        header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
                         "data_offsets": [offset, offset + n]}
         offset += n
     head = len(json.dumps(header, separators=(",", ":")).encode())

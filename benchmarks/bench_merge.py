@@ -14,7 +14,7 @@ import numpy as np
 
 import loraxs_jax
 from benchmarks import common
-from loraxs_jax.transform import flatten, unflatten
+from loraxs_jax.tree import flatten, unflatten
 
 
 def merge_time(params, cfg: loraxs_jax.LoraXSConfig, reps: int, r_gain: float = 1.0) -> dict:
@@ -57,7 +57,7 @@ def run(smoke: bool = False, reps: int | None = None) -> dict:
         print(f"[merge] {s.name}: merged/base {res['eval'][s.name]['merged/base']:.3f}, "
               f"unmerged/base {res['eval'][s.name]['unmerged/base']:.3f}", flush=True)
     if not smoke and common.have_asset("smollm2"):
-        from loraxs_jax.assets import asset_path
+        from loraxs_jax.experiments.assets import asset_path
         from loraxs_jax.models.gguf import load_gguf
 
         _, params, _ = load_gguf(next(asset_path("smollm2").glob("*.gguf")))

@@ -35,7 +35,7 @@ def run(smoke: bool = False, reps: int | None = None) -> dict:
     ranks, seqs = ((1, 4), (16,)) if smoke else (RANKS, SEQS)
     base = common.llama_small(smoke)
     # one exact SVD at the top rank; every smaller rank's bases are its leading columns
-    bases = loraxs_jax.compute_bases(base.params, base.loraxs_config(max(ranks)))
+    bases = loraxs_jax.bases.compute_bases(base.params, base.loraxs_config(max(ranks)))
     by_rank = []
     for r in ranks:
         by_rank.append(point(base, r, reps, bases))

@@ -30,7 +30,8 @@ import numpy as np
 import loraxs_jax
 from benchmarks import common
 from loraxs_jax import svd as svd_lib
-from loraxs_jax.transform import find_targets, flatten
+from loraxs_jax.bases import find_targets
+from loraxs_jax.tree import flatten
 
 MISTRAL_LAYER = {  # (in, out) in Flax layout: how many of each shape one layer has
     "q/o (4096×4096)": ((4096, 4096), 2),
@@ -116,8 +117,8 @@ def whole_model(params: Mapping, cfg: loraxs_jax.LoraXSConfig, exact: bool = Tru
     out = {}
     for method in ("exact", "randomized") if exact else ("randomized",):
         c = loraxs_jax.LoraXSConfig(**{**cfg.to_dict(), "svd_method": method})
-        _, cold = common.timed(lambda c=c: loraxs_jax.compute_bases(params, c))
-        _, warm = common.timed(lambda c=c: loraxs_jax.compute_bases(params, c))
+        _, cold = common.timed(lambda c=c: loraxs_jax.bases.compute_bases(params, c))
+        _, warm = common.timed(lambda c=c: loraxs_jax.bases.compute_bases(params, c))
         out[method] = {"first_call_s": cold, "warm_s": warm}
     mats = _matrices(params, cfg)
     r = cfg.rank
@@ -192,7 +193,7 @@ def run(smoke: bool = False, exact_7b: bool = False) -> dict:
         demo = common.minilm()
         models["MiniLM-L6 (real)"] = (demo.params, demo.loraxs_config(16))
         if common.have_asset("smollm2"):
-            from loraxs_jax.assets import asset_path
+            from loraxs_jax.experiments.assets import asset_path
             from loraxs_jax.models.gguf import load_gguf
 
             path = next(asset_path("smollm2").glob("*.gguf"))

@@ -36,12 +36,13 @@ import numpy as np
 import optax
 
 import loraxs_jax
+from loraxs_jax.bases import path_key
 from loraxs_jax.models import decoder as dec
 from loraxs_jax.models import encoder as enc
-from loraxs_jax.transform import flatten, path_key, path_str, unflatten
+from loraxs_jax.tree import flatten, path_str, unflatten
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DECODER_TARGETS = (r"(q|k|v|o)_proj/kernel$", r"(gate|up|down)_proj/kernel$")
+DECODER_TARGETS = dec.PAPER_TARGETS   # the paper's seven projections
 ENCODER_TARGETS = enc.PAPER_TARGETS
 MB = 2 ** 20
 
@@ -348,7 +349,7 @@ def bert_small(smoke: bool = False, batch: int = 4, seq: int = 128, rank: int = 
 def minilm(batch: int = 32, seq: int = 128, rank: int = 16) -> Setup:
     """The real all-MiniLM-L6-v2 (6 layers, H=384) with a mean-pooled head, the paper's GLUE
     targets; the demo's shape (SST-2, batch 32, max length 128)."""
-    from loraxs_jax.assets import asset_path
+    from loraxs_jax.experiments.assets import asset_path
 
     c, params = enc.load_encoder(asset_path("minilm"), num_labels=2, head="mean")
     desc = f"all-MiniLM-L6-v2 (real weights) H={c.hidden_size} L={c.num_layers}, batch {batch}×{seq}"
@@ -358,7 +359,7 @@ def minilm(batch: int = 32, seq: int = 128, rank: int = 16) -> Setup:
 
 
 def have_asset(name: str) -> bool:
-    from loraxs_jax.assets import asset_path
+    from loraxs_jax.experiments.assets import asset_path
 
     try:
         asset_path(name)

@@ -5,4 +5,4 @@ from configs.mistral_math import math_config
 
 
 def get_config(arg: str = ""):
-    return math_config("google/gemma-7b", arg)
+    return math_config("google/gemma-7b", arg, source="configs/gemma_math.py")

@@ -8,10 +8,13 @@ per task and rank from the paper's Table 5.
 
 MRPC, RTE and STS-B start from an MNLI-tuned model in the paper: pass ``mnli=<folder or hub
 id>``; its 3-way head is replaced by a fresh one. The paper reports the median over 5 seeds of
-each run's best epoch: ``python sweep.py --config=configs/glue.py:task=rte,rank=25 --seeds=5``.
+each run's best epoch: ``loraxs-sweep --config=configs/glue.py:task=rte,rank=25 --seeds=5``.
+
+Arguments: task, rank (Table 5's), method, init, seed, model (folder or hub id), mnli (the
+MNLI-tuned starting point for MRPC, RTE, STS-B).
 """
 
-from configs.base import base
+from loraxs_jax.experiments.defaults import base, parse_arg
 from loraxs_jax.models.encoder import PAPER_TARGETS
 
 # Table 5: (LoRA-XS lr, classifier lr, epochs) per task and rank ("?" entries of the extracted
@@ -34,24 +37,26 @@ FROM_MNLI = ("mrpc", "rte", "stsb")
 
 
 def get_config(arg: str = "task=sst2,rank=25"):
-    opts = dict(kv.split("=", 1) for kv in arg.split(",") if kv)
-    task, rank = opts.get("task", "sst2"), int(opts.get("rank", 25))
+    opts = parse_arg(arg, source="configs/glue.py", task="sst2", rank=25, method="loraxs",
+                     init="svd", seed=0, model="FacebookAI/roberta-large", mnli="")
+    task, rank = opts["task"], opts["rank"]
     if task not in TABLE5 or rank not in TABLE5[task]:
         raise ValueError(f"glue config: task must be one of {sorted(TABLE5)} and rank one of "
                          f"{sorted(TABLE5['sst2'])}, got task={task}, rank={rank}")
     lr, head_lr, epochs = TABLE5[task][rank]
     c = base()
-    c.method = opts.get("method", "loraxs")
+    c.method = opts["method"]
     c.model.kind = "encoder"
-    c.model.path = opts.get("model", "FacebookAI/roberta-large")
-    if task in FROM_MNLI and "mnli" in opts:
+    c.model.path = opts["model"]
+    if task in FROM_MNLI and opts["mnli"]:
         c.model.path = opts["mnli"]
         c.model.fresh_head = True
     c.model.head = "cls"
     c.loraxs.rank = rank
     c.loraxs.alpha = 16.0
     c.loraxs.targets = PAPER_TARGETS
-    c.loraxs.init = opts.get("init", "svd")
+    c.loraxs.init = opts["init"]
+    c.loraxs.svd_method = "randomized"     # the paper's (1024-wide RoBERTa-large matrices)
     c.loraxs.trainable = (r"^classifier/",)
     c.task.name = "glue"
     c.task.glue = task
@@ -61,5 +66,5 @@ def get_config(arg: str = "task=sst2,rank=25"):
     c.optim.schedule = "linear"
     c.batch_size = 32
     c.num_epochs = epochs
-    c.seed = int(opts.get("seed", 0))
+    c.seed = opts["seed"]
     return c

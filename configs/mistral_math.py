@@ -5,19 +5,21 @@ micro-batch x 8 accumulation steps), lr 4e-3, no weight decay, warmup ratio 0.02
 max length 512, bf16. ``rank=16|32|64`` selects the table's rows; ``mesh.fsdp`` shards the model.
 
     python train.py --config=configs/mistral_math.py:rank=64 --workdir=runs/mistral_r64
-    python -m loraxs_jax.plan --config=configs/mistral_math.py --config.mesh.fsdp=8
+    loraxs-plan --config=configs/mistral_math.py --config.mesh.fsdp=8
 """
 
-from configs.base import decoder_base
+from loraxs_jax.experiments.defaults import decoder_base, parse_arg
 
 
-def math_config(path: str, arg: str):
-    opts = dict(kv.split("=", 1) for kv in arg.split(",") if kv)
-    rank = int(opts.get("rank", 64))
-    c = decoder_base(opts.get("model", path), rank, float(rank))
-    c.method = opts.get("method", "loraxs")
+def math_config(path: str, arg: str, source: str = "configs/mistral_math.py"):
+    """Arguments: rank (16 | 32 | 64), model (folder or hub id), method, data (MetaMathQA:
+    hub, or a local .json/.jsonl)."""
+    opts = parse_arg(arg, source=source, rank=64, model=path, method="loraxs", data="hub")
+    rank = opts["rank"]
+    c = decoder_base(opts["model"], rank, float(rank))
+    c.method = opts["method"]
     c.task.name = "math"
-    c.task.train_source = opts.get("data", "hub")     # MetaMathQA: hub, or a local .json/.jsonl
+    c.task.train_source = opts["data"]     # MetaMathQA: hub, or a local .json/.jsonl
     c.task.train_limit = 100_000
     c.task.max_length = 512
     c.task.eval_sets = ("gsm8k", "math")

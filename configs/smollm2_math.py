@@ -2,19 +2,19 @@
 GSM-Symbolic problems with worked answers (the ``reasoning_gym`` asset), evaluated on GSM8K test
 (the rows GSM-Symbolic's templates were written from are excluded)."""
 
-from configs.base import decoder_base
+from loraxs_jax.experiments.defaults import decoder_base, parse_arg
 
 
 def get_config(arg: str = ""):
-    opts = dict(kv.split("=", 1) for kv in arg.split(",") if kv)
-    c = decoder_base("asset:smollm2", int(opts.get("rank", 16)), float(opts.get("rank", 16)))
-    c.method = opts.get("method", "loraxs")
+    opts = parse_arg(arg, source="configs/smollm2_math.py", rank=16, method="loraxs", train=2000, eval=50)
+    c = decoder_base("asset:smollm2", opts["rank"], float(opts["rank"]))
+    c.method = opts["method"]
     c.model.dtype = c.model.param_dtype = "float32"
     c.loraxs.bases_dtype = ""
     c.task.name = "math"
     c.task.train_source = "gsm_symbolic"
-    c.task.train_limit = int(opts.get("train", 2000))
-    c.task.eval_limit = int(opts.get("eval", 50))
+    c.task.train_limit = opts["train"]
+    c.task.eval_limit = opts["eval"]
     c.task.eval_sets = ("gsm8k",)
     c.task.max_length = 384
     c.optim.lr = 4e-3

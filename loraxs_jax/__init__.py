@@ -5,44 +5,34 @@ B = V_rᵀ (r, out) and trains only R (r, r): y = x·W + (α/r)·((x·A)·R)·B.
 
 The verbs::
 
+    cfg = loraxs_jax.LoraXSConfig(rank=16, targets=(r"(q|v)_proj/kernel$",))
     params = loraxs_jax.apply(params, cfg, rng)          # insert A, B, R beside each target
     out = loraxs_jax.wrap(model.apply)({"params": params}, x)   # the unmodified model, adapted
     trainable, frozen = loraxs_jax.split(params, cfg)    # differentiate `trainable` only
+    params = loraxs_jax.combine(trainable, frozen)
+    tx = loraxs_jax.masked(optax.adamw(1e-3), cfg)       # or: an optimizer for R alone
     merged = loraxs_jax.merge(params)                    # plain tree, zero extra latency
+    params = loraxs_jax.unmerge(merged, params)
     loraxs_jax.save_adapter(path, params, cfg)           # R alone: r² × matrices × bytes
     params = loraxs_jax.load_adapter(path, base_params)
+    loraxs_jax.count(params)                             # {'R': r² × matrices, ...}
+
+Namespaces: ``loraxs_jax.nnx`` (the same verbs for flax NNX models), ``loraxs_jax.parallel``
+(meshes, shardings, jitted programs, multi-host), ``loraxs_jax.io`` (adapter files, base
+fingerprints, the bases cache), ``loraxs_jax.bases``/``loraxs_jax.svd`` (how A and B are made).
 """
 
 __version__ = "0.1.0"
 
-from loraxs_jax.adapters import (
-    adapter_info,
-    cached_bases,
-    fingerprint,
-    load_adapter,
-    save_adapter,
-)
-from loraxs_jax.config import INITS, LoraXSConfig
-from loraxs_jax.layers import (
-    LoraXSBasis,
-    LoraXSLinear,
-    LoraXSR,
-    loraxs_delta,
-    nnx_apply,
-    nnx_load_adapter,
-    nnx_merge,
-    nnx_params,
-    wrap,
-)
-from loraxs_jax.merge import delta_weight, merge, unmerge
-from loraxs_jax.optim import combine, masked, split, trainable_mask
-from loraxs_jax.svd import truncated_svd
-from loraxs_jax.transform import adapted_kernels, apply, compute_bases, count, derived_spec
+from loraxs_jax import nnx, parallel  # noqa: F401  (namespaces: loraxs_jax.nnx.apply, ...)
+from loraxs_jax.apply import apply, count
+from loraxs_jax.config import LoraXSConfig
+from loraxs_jax.io import load_adapter, save_adapter
+from loraxs_jax.linen import wrap
+from loraxs_jax.merge import merge, unmerge
+from loraxs_jax.partition import combine, masked, split
 
 __all__ = [
-    "INITS", "LoraXSBasis", "LoraXSConfig", "LoraXSLinear", "LoraXSR", "adapted_kernels",
-    "adapter_info", "apply", "cached_bases", "combine", "compute_bases", "count", "delta_weight",
-    "derived_spec", "fingerprint", "load_adapter", "loraxs_delta", "masked", "merge", "nnx_apply",
-    "nnx_load_adapter", "nnx_merge", "nnx_params", "save_adapter", "split", "trainable_mask",
-    "truncated_svd", "unmerge", "wrap",
+    "LoraXSConfig", "apply", "combine", "count", "load_adapter", "masked", "merge",
+    "save_adapter", "split", "unmerge", "wrap",
 ]

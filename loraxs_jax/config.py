@@ -154,17 +154,6 @@ class LoraXSConfig:
             raise ValueError(f"unknown LoraXSConfig fields {sorted(unknown)}")
         return cls(**dict(d))
 
-    @classmethod
-    def from_section(cls, section: Any, scan_layers: bool = False) -> LoraXSConfig:
-        """From an experiment config's ``loraxs`` section (ConfigDict or mapping): '' means None
-        for ``bases_dtype``, and scanned layers get ``stacked_axes=1`` unless it is given."""
-        if isinstance(section, cls):
-            return section
-        d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-        d["bases_dtype"] = d.get("bases_dtype") or None
-        d.setdefault("stacked_axes", 1 if scan_layers else 0)
-        return cls.from_dict(d)
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 

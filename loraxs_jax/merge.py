@@ -6,32 +6,11 @@ import functools
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from loraxs_jax.sharding import hashable
-from loraxs_jax.transform import adapted_kernels, flatten, leaf_role, path_str, unflatten
-
-
-def delta_weight(a: jax.Array, r: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
-    """ΔW = (α/r)·A·R·B in float32, shaped like the kernel: A (*stack, *in, r), R (*stack, r, r),
-    B (*stack, r, *out) → (*stack, *in, *out)."""
-    n_stack = r.ndim - 2
-    stack, rank = r.shape[:n_stack], r.shape[-1]
-    in_dims, out_dims = a.shape[n_stack:-1], b.shape[n_stack + 1:]
-    a2 = a.astype(jnp.float32).reshape(stack + (-1, rank))
-    b2 = b.astype(jnp.float32).reshape(stack + (rank, -1))
-    rs = r.astype(jnp.float32) * scale.astype(jnp.float32)[..., None, None]
-    return (a2 @ rs @ b2).reshape(stack + in_dims + out_dims)
-
-
-def merged_kernel(w, a, r, b, scale):
-    """W + ΔW computed in float32 and cast back to W's dtype."""
-    return (w.astype(jnp.float32) + delta_weight(a, r, b, scale)).astype(w.dtype)
-
-
-def _unmerged_kernel(w, a, r, b, scale):
-    return (w.astype(jnp.float32) - delta_weight(a, r, b, scale)).astype(w.dtype)
+from loraxs_jax.delta import merged_kernel
+from loraxs_jax.parallel.jit import hashable
+from loraxs_jax.tree import SUFFIX, adapted_kernels, flatten, leaf_role, path_str, unflatten
 
 
 def _merged_kernels(kernels: dict, adapters: dict) -> dict:
@@ -121,7 +100,7 @@ def _unmerge_flat(merged: dict, adapters: dict) -> dict:
         out[k] = v
     for base_path, d in adapted_kernels(unflatten(_unkeyed(adapters), {})).items():
         key = "\x1f".join(map(str, base_path))
-        out[key] = _unmerged_kernel(merged[key], d["A"], d["R"], d["B"], d["scale"])
+        out[key] = merged_kernel(merged[key], d["A"], d["R"], d["B"], d["scale"], sign=-1.0)
     return out
 
 
@@ -129,7 +108,7 @@ def unmerge(merged: Mapping, adapters: Mapping) -> Mapping:
     """Undo ``merge``: W = W' − (α/r)·A·R·B, and the LoRA-XS leaves of ``adapters`` (an adapted
     tree, or any tree holding its ``*_loraxs_*`` leaves) put back. Exact to float32 round-off for
     float32 kernels (a bf16 kernel loses what bf16 cannot hold)."""
-    flat_a = {p: v for p, v in flatten(adapters).items() if p[-1].find("_loraxs_") > 0}
+    flat_a = {p: v for p, v in flatten(adapters).items() if p[-1].find(SUFFIX) > 0}
     if not flat_a:
         raise ValueError("`adapters` holds no LoRA-XS leaves")
     missing = [path_str(p) for p in adapted_kernels(unflatten(flat_a, {}))

@@ -1,4 +1,7 @@
-"""merge / unmerge: exact to float32 round-off, structure-preserving, sharding-preserving."""
+"""merge / unmerge against numpy, dtypes, donation, and shardings (a merge keeps each W's layout or
+lands in another mesh's)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import loraxs_jax as lx
+from loraxs_jax import parallel as sh
+from loraxs_jax.models import decoder as dec
+from loraxs_jax.models.generate import generate
+from loraxs_jax.tree import flatten, path_str
 
 
 def _adapted(seed=0, r_std=0.1):
@@ -78,3 +85,94 @@ def test_merge_errors():
         lx.merge(p)
     with pytest.raises(ValueError, match="holds no LoRA-XS leaves"):
         lx.unmerge(p, p)
+
+
+MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
+
+
+DEC = dec.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                        num_heads=4, num_kv_heads=4, head_dim=8, scan_layers=True)
+
+
+DEC_LORA = lx.LoraXSConfig(rank=4, alpha=8.0, r_std=0.3, stacked_axes=1,
+                           targets=(r"(q|k|v|o|gate|up|down)_proj/kernel$",))
+
+
+DEC_APPLY = lx.wrap(dec.DecoderForCausalLM(DEC).apply)
+
+
+def mesh_of(shape):
+    return sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
+
+
+def place(params, base_shardings):
+    shardings = sh.adapted_shardings(params, base_shardings)
+    return sh.shard_params(params, shardings), shardings
+
+
+@pytest.fixture(scope="module")
+def decoder_params():
+    base = jax.tree.map(lambda x: 8 * x if x.ndim >= 2 else x,
+                        dec.init_params(DEC, jax.random.key(2)))
+    return lx.apply(base, DEC_LORA, jax.random.key(3))
+
+
+def prompts(rows):
+    rng = np.random.default_rng(1)
+    starts = rng.integers(0, 5, rows)
+    mask = (np.arange(8)[None] >= starts[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, rng.integers(3, DEC.vocab_size, (rows, 8)), 0).astype(np.int32)
+    return ids, mask
+
+
+def test_merge_into_another_mesh_layout(decoder_params):
+    """Adapted params sharded on (2,2,2); the merge writes the kernels straight into the
+    (1,8,1) layout of a serving mesh over the same devices."""
+    train_mesh, serve_mesh = mesh_of((2, 2, 2)), mesh_of((1, 8, 1))
+    shapes, axes = dec.param_shapes(DEC), dec.param_logical_axes(DEC)
+    params, _ = place(decoder_params, sh.param_shardings(shapes, axes, train_mesh))
+    serve_sh = sh.param_shardings(shapes, axes, serve_mesh)
+    merged = lx.merge(params, out_shardings=serve_sh)
+    plain = flatten(lx.merge(jax.device_get(decoder_params)))
+    want_sh = flatten(serve_sh)
+    q = ("model", "layers", "self_attn", "q_proj", "kernel")
+    assert want_sh[q].spec == P(None, "fsdp", "tensor")     # tensor has size 1 here
+    assert merged["model"]["layers"]["self_attn"]["q_proj"]["kernel"].addressable_shards[
+        0].data.shape == (2, 32 // 8, 32)
+    for path, leaf in flatten(merged).items():
+        assert leaf.sharding == want_sh[path], path_str(path)
+        np.testing.assert_allclose(np.asarray(leaf), np.asarray(plain[path]), rtol=1e-6,
+                                   atol=1e-6, err_msg=path_str(path))
+    # the merged tree runs as a plain model and agrees with the adapted one
+    ids, mask = prompts(8)
+    adapted_out = generate(DEC_APPLY, decoder_params, DEC, ids, mask, 4)
+    merged_out = generate(dec.DecoderForCausalLM(DEC).apply, jax.device_get(merged), DEC, ids,
+                          mask, 4)
+    np.testing.assert_array_equal(np.asarray(merged_out), np.asarray(adapted_out))
+
+
+def test_merge_out_shardings_errors(decoder_params):
+    mesh = mesh_of((2, 2, 2))
+    shapes, axes = dec.param_shapes(DEC), dec.param_logical_axes(DEC)
+    base_sh = sh.param_shardings(shapes, axes, mesh)
+    params, _ = place(decoder_params, base_sh)
+    partial = {k: v for k, v in base_sh.items() if k != "lm_head"}
+    with pytest.raises(ValueError, match=r"out_shardings has no entry for \['lm_head/kernel'\]"):
+        lx.merge(params, out_shardings=partial)
+    # host params: merged on one device, then placed in the requested layout
+    merged = flatten(lx.merge(jax.device_get(decoder_params), out_shardings=base_sh))
+    assert all(merged[p].sharding == s for p, s in flatten(base_sh).items())
+
+
+def test_unscanned_decoder_merge_keeps_each_kernels_sharding():
+    cfg = dataclasses.replace(DEC, scan_layers=False)
+    lora = dataclasses.replace(DEC_LORA, stacked_axes=0)
+    mesh = mesh_of((1, 4, 2))
+    base = dec.init_params(cfg, jax.random.key(4))
+    base_sh = sh.param_shardings(base, dec.param_logical_axes(cfg), mesh)
+    params, _ = place(lx.apply(base, lora, jax.random.key(5)), base_sh)
+    merged = flatten(lx.merge(params, donate=True))
+    for path, s in flatten(base_sh).items():
+        assert merged[path].sharding.is_equivalent_to(s, merged[path].ndim), path_str(path)
+    o = ("model", "layers_0", "self_attn", "o_proj", "kernel")
+    assert merged[o].sharding.spec == P("tensor", "fsdp")

@@ -45,9 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loraxs_jax.sharding import embedding_lookup
+from loraxs_jax.models.layers import embedding_lookup
+from loraxs_jax.tree import path_keys
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
+# The paper's math and commonsense targets: every projection of a layer (q, k, v, o, gate, up,
+# down), as regexes searched in kernel paths (``LoraXSConfig(targets=PAPER_TARGETS)``).
+PAPER_TARGETS = (r"self_attn/(q|k|v|o)_proj/kernel$", r"mlp/(gate|up|down)_proj/kernel$")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -424,9 +428,15 @@ def init_params(config: DecoderConfig, rng: jax.Array) -> dict:
     return nn.meta.unbox(jax.jit(_boxed_init, static_argnums=0)(config, rng))
 
 
+def boxed_param_shapes(config: DecoderConfig) -> dict:
+    """The param tree as ``nn.Partitioned`` boxes of ``jax.ShapeDtypeStruct`` (logical axis
+    names included), without allocating anything."""
+    return jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
+
+
 def param_shapes(config: DecoderConfig) -> dict:
     """The param tree as ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
-    return nn.meta.unbox(jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0)))
+    return nn.meta.unbox(boxed_param_shapes(config))
 
 
 def param_logical_axes(config: DecoderConfig) -> dict:
@@ -435,8 +445,7 @@ def param_logical_axes(config: DecoderConfig) -> dict:
     Names: 'vocab', 'embed', 'heads', 'kv', 'mlp', and 'layers' for the scanned layer axis.
     Map them to mesh axes with ``nn.logical_to_mesh_sharding``.
     """
-    boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
-    specs = nn.get_partition_spec(boxed)
+    specs = nn.get_partition_spec(boxed_param_shapes(config))
     return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
@@ -460,17 +469,13 @@ def _hf_names(path: tuple[str, ...], config: DecoderConfig) -> tuple[list[str], 
     return [".".join([*mods, leaf])], transpose
 
 
-def _path_str(path) -> tuple[str, ...]:
-    return tuple(getattr(k, "key", str(k)) for k in path)
-
-
 def load_params(source, config: DecoderConfig,
                 sharding: Callable[[str], jax.sharding.Sharding] | None = None) -> dict:
     """Converts HF-named tensors into our param tree, one tensor at a time.
 
     Args:
       source: anything with ``keys()``, ``shape(name)`` and ``get(name) -> np.ndarray`` in
-        PyTorch layout (a :class:`~loraxs_jax.models.checkpoint.Checkpoint`, a GGUF view).
+        PyTorch layout (a :class:`~loraxs_jax.models.hub.HFFolder`, a GGUF view).
       config: the architecture; its ``param_dtype`` is the dtype of the result.
       sharding: optional ``path -> Sharding`` (path like ``"model/layers_0/mlp/up_proj/kernel"``);
         each converted tensor is ``jax.device_put`` there directly.
@@ -484,7 +489,7 @@ def load_params(source, config: DecoderConfig,
     available = set(source.keys())
     plan, missing, mismatched, used = [], [], [], set()
     for path, want in leaves:
-        path = _path_str(path)
+        path = path_keys(path)
         names, transpose = _hf_names(path, config)
         shape = want.shape[1:] if len(names) > 1 else want.shape
         hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
@@ -537,9 +542,9 @@ def load_decoder(path_or_hub_id, dtype=jnp.float32, param_dtype=jnp.float32,
     ``config_overrides`` set other :class:`DecoderConfig` fields (``scan_layers=True``,
     ``remat="full"``). Use the model as ``DecoderForCausalLM(config)``.
     """
-    from loraxs_jax.models.checkpoint import Checkpoint
+    from loraxs_jax.models.hub import HFFolder
 
-    ckpt = Checkpoint(path_or_hub_id)
+    ckpt = HFFolder(path_or_hub_id)
     config = DecoderConfig.from_hf(ckpt.config(), dtype=dtype, param_dtype=param_dtype,
                                    **config_overrides)
     return config, load_params(ckpt, config, sharding)

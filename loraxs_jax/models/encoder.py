@@ -62,8 +62,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loraxs_jax.models.checkpoint import Checkpoint
-from loraxs_jax.sharding import embedding_lookup
+from loraxs_jax.models.hub import HFFolder
+from loraxs_jax.models.layers import embedding_lookup
+from loraxs_jax.tree import flatten, unflatten
 
 logger = logging.getLogger(__name__)
 
@@ -477,8 +478,15 @@ def _dummy_inputs() -> tuple[jax.Array, jax.Array]:
     return jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32)
 
 
-def _abstract_init(config: EncoderConfig):
+def boxed_param_shapes(config: EncoderConfig) -> dict:
+    """The param tree as ``nn.Partitioned`` boxes of ``jax.ShapeDtypeStruct`` (logical axis
+    names included), without allocating anything."""
     return jax.eval_shape(Encoder(config).init, jax.random.key(0), *_dummy_inputs())["params"]
+
+
+def param_shapes(config: EncoderConfig) -> dict:
+    """The param tree as ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
+    return nn.meta.unbox(boxed_param_shapes(config))
 
 
 def init_encoder(config: EncoderConfig, rng: jax.Array) -> dict:
@@ -489,7 +497,7 @@ def init_encoder(config: EncoderConfig, rng: jax.Array) -> dict:
 
 def param_logical_axes(config: EncoderConfig) -> dict:
     """The params tree with a logical ``PartitionSpec`` at each leaf (no arrays are made)."""
-    return nn.get_partition_spec(_abstract_init(config))
+    return nn.get_partition_spec(boxed_param_shapes(config))
 
 
 def _init_head(config: EncoderConfig, rng: jax.Array) -> dict:
@@ -503,26 +511,6 @@ _HEAD = ("pooler", "classifier")  # top-level param groups freshly initialised w
 _IGNORED = ("pooler", "classifier", "lm_head", "cls")  # checkpoint groups we may leave unused
 _BUFFERS = ("position_ids", "token_type_ids")  # non-persistent buffers some checkpoints keep
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-
-
-def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
 
 
 def _torch_name(path: tuple[str, ...], prefix: str) -> str:
@@ -575,7 +563,7 @@ def load_encoder(
       ValueError: an unsupported model_type, or tensors missing (outside the head), unexpected,
         or of the wrong shape, each listed by name.
     """
-    ckpt = Checkpoint(path_or_id)
+    ckpt = HFFolder(path_or_id)
     options.setdefault("param_dtype", dtype)
     config = EncoderConfig.from_hf(ckpt.config(), num_labels=num_labels, head=head,
                                    dtype=dtype, **options)
@@ -586,7 +574,7 @@ def load_encoder(
 
     # Plan on the unscanned layout (one tensor per path); stack afterwards if scanning.
     flat_config = dataclasses.replace(config, scan_layers=False)
-    expected = _flatten(nn.meta.unbox(_abstract_init(flat_config)))
+    expected = flatten(param_shapes(flat_config))
     fresh_head = fresh_head or config.head == "mean"  # no HF checkpoint has a mean head
     sources, fresh, missing, mismatched = {}, [], [], []
     absent_head = False  # a head part the checkpoint lacks although nobody asked for a fresh one
@@ -644,9 +632,9 @@ def load_encoder(
     else:
         flat = {path: place(path, read(path)) for path in sources}
     if fresh:
-        init = _flatten(_init_head(config, jax.random.key(0) if rng is None else rng))
+        init = flatten(_init_head(config, jax.random.key(0) if rng is None else rng))
         flat.update({path: place(path, np.asarray(init[path])) for path in fresh})
         logger.log(logging.WARNING if absent_head else logging.INFO,
                    "freshly initialised (not taken from %s; train them): %s", ckpt.folder,
                    ", ".join("/".join(p) for p in fresh))
-    return config, _unflatten(flat)
+    return config, unflatten(flat)

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from loraxs_jax.models.decoder import DecoderConfig, init_cache
+from loraxs_jax.parallel.batch import shard_batch
+from loraxs_jax.parallel.jit import hashable, jit_predict
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 0.0,
@@ -48,7 +50,7 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 0.0,
 def _program(apply_fn, config, max_new_tokens, temperature, top_k, top_p, mesh=None,
              shardings_key=None):
     """The jitted generation program, built once per model function, static settings and
-    placement. With a mesh it has explicit shardings (``sharding.jit_predict``): params as
+    placement. With a mesh it has explicit shardings (``parallel.jit_predict``): params as
     placed (``shardings_key`` is their (treedef, leaves)), prompts split along data+fsdp, the
     PRNG key, EOS ids and pad id replicated, the new tokens replicated."""
 
@@ -84,8 +86,6 @@ def _program(apply_fn, config, max_new_tokens, temperature, top_k, top_p, mesh=N
 
     if mesh is None:
         return jax.jit(run)
-    from loraxs_jax.sharding import jit_predict
-
     return jit_predict(run, mesh, jax.tree.unflatten(*shardings_key), n_replicated=3)
 
 
@@ -112,7 +112,7 @@ def generate(apply_fn: Callable, params, config: DecoderConfig, input_ids, atten
       rng: PRNG key for sampling (default key 0).
       eos_token_id: one id or several; a row stops after emitting one of them.
       pad_token_id: fills each row after its EOS (and the tail if all rows stop early).
-      mesh, param_shardings: run sharded (``sharding.make_mesh``; the params' ``NamedSharding``
+      mesh, param_shardings: run sharded (``parallel.make_mesh``; the params' ``NamedSharding``
         tree): the program is jitted with explicit shardings, the prompts split along
         data+fsdp (every process passes the whole batch and contributes its rows; data*fsdp must
         divide B) and the KV cache follows by propagation.
@@ -135,8 +135,6 @@ def generate(apply_fn: Callable, params, config: DecoderConfig, input_ids, atten
     key = None
     prompts = {"input_ids": input_ids, "attention_mask": attention_mask}
     if mesh is not None:
-        from loraxs_jax.sharding import hashable, shard_batch
-
         key = hashable(param_shardings)
         prompts = shard_batch(prompts, mesh)
     program = _program(apply_fn, config, int(max_new_tokens), float(temperature), top_k, top_p,

@@ -1,0 +1,277 @@
+"""Which kernels LoRA-XS adapts, and their frozen bases A, B.
+
+``find_targets`` selects the kernels a ``LoraXSConfig`` names and says how each is viewed as a
+(batch of) matrices; ``compute_bases`` takes their truncated SVDs (or the init variant's bases)
+in float32, batched over same-shaped matrices and, for kernels placed on a mesh, split over its
+devices so that every device decomposes whole matrices of its own.
+
+Shapes, for a kernel with stack axes ``stack`` (independent matrices, e.g. ``nn.scan`` layers),
+input axes ``in_dims`` and output axes ``out_dims``::
+
+    A  (*stack, *in_dims, r)    U_r Σ_r (or the init variant's basis)
+    B  (*stack, r, *out_dims)   V_rᵀ
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import zlib
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from loraxs_jax import svd as svd_lib
+from loraxs_jax.config import LoraXSConfig
+from loraxs_jax.tree import flatten, leaf_role, path_str, shape_of, unbox
+
+
+class Target(NamedTuple):
+    """A kernel selected for LoRA-XS and how it is viewed as a (batch of) matrices."""
+
+    path: tuple
+    name: str                   # '/'-joined path
+    shape: tuple[int, ...]      # the kernel's full shape
+    stack: tuple[int, ...]      # leading axes of independent matrices
+    in_dims: tuple[int, ...]
+    out_dims: tuple[int, ...]
+    rank: int
+
+    @property
+    def m(self) -> int:
+        return math.prod(self.in_dims)
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.out_dims)
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.stack)
+
+
+def find_targets(params: Mapping, cfg: LoraXSConfig) -> list[Target]:
+    """The kernels ``cfg`` adapts, with clear errors for everything that cannot be adapted."""
+    flat = flatten(params)
+    if any(leaf_role(p[-1]) for p in flat):
+        raise ValueError("these params already carry LoRA-XS leaves (*_loraxs_*): merge them "
+                         "(loraxs_jax.merge) or start from the base params")
+    targets, matched_low_rank = [], []
+    for path, leaf in flat.items():
+        name = path_str(path)
+        if not cfg.is_target(name):
+            continue
+        shape = shape_of(leaf)
+        if len(shape) < 2:
+            matched_low_rank.append(name)      # biases, norms: a regex like 'query' hits them too
+            continue
+        n_stack = cfg.stacked_axes_for(name)
+        mat = shape[n_stack:]
+        if len(mat) < 2:
+            raise ValueError(f"{name} has shape {shape}; with stacked_axes={n_stack} no matrix is "
+                             "left to adapt")
+        if len(mat) == 2:
+            n_in = 1
+        else:
+            n_in = cfg.in_axes_for(name)
+            if n_in is None:
+                raise ValueError(
+                    f"{name} has shape {shape}: {len(mat)} matrix axes (DenseGeneral/Einsum). "
+                    "LoRA-XS needs a matrix: set LoraXSConfig.in_axes (how many of these axes are "
+                    "inputs; the kernel is then viewed as (prod(inputs), prod(outputs))) or "
+                    "stacked_axes (leading axes of independent matrices, e.g. nn.scan layers)")
+            if not 1 <= n_in < len(mat):
+                raise ValueError(f"in_axes={n_in} for {name} of matrix shape {mat}: must be in "
+                                 f"[1, {len(mat) - 1}]")
+        r = cfg.rank_for(name)
+        t = Target(path, name, shape, shape[:n_stack], mat[:n_in], mat[n_in:], r)
+        if r > min(t.m, t.n):
+            raise ValueError(f"rank {r} exceeds min(in, out)={min(t.m, t.n)} for {name} "
+                             f"(matrix {t.m}x{t.n}); lower the rank for this target")
+        targets.append(t)
+    if not targets:
+        kernels = [path_str(p) for p, v in flat.items() if len(shape_of(v)) >= 2]
+        hint = f" (they matched only 1-D params: {matched_low_rank[:3]})" if matched_low_rank else ""
+        raise ValueError(
+            f"targets {list(cfg.targets)} matched no kernel{hint}. Some kernel paths in these "
+            f"params: {kernels[:8]}{' ...' if len(kernels) > 8 else ''}")
+    unused = [t for t in cfg.targets if not any(re.search(t, x.name) for x in targets)]
+    if unused:
+        raise ValueError(f"target patterns {unused} matched no kernel (others matched "
+                         f"{len(targets)}); e.g. kernels: {[x.name for x in targets[:4]]}")
+    return targets
+
+
+# ----------------------------------------------------------------------------- bases
+def path_key(key: jax.Array, name: str) -> jax.Array:
+    """A key that depends on the kernel's path only, so a kernel's bases and R do not change
+    when other targets are added or removed."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def as_key(rng) -> jax.Array:
+    if isinstance(rng, int):
+        return jax.random.key(rng)
+    if hasattr(rng, "dtype") and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng
+    return jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
+
+
+def _bases_for_matrices(w: jax.Array, keys: jax.Array, rank: int, cfg: LoraXSConfig):
+    """w: (b, m, n) float32, keys: (b,) → A (b, m, r), B (b, r, n) per ``cfg.init``."""
+    b, m, n = w.shape
+    if cfg.init == "random":
+        ka, kb = jax.vmap(lambda k: jax.random.split(k))(keys).swapaxes(0, 1)
+        lim_a, lim_b = 1.0 / math.sqrt(m), 1.0 / math.sqrt(rank)
+        a = jax.vmap(lambda k: jax.random.uniform(k, (m, rank), jnp.float32, -lim_a, lim_a))(ka)
+        bb = jax.vmap(lambda k: jax.random.uniform(k, (rank, n), jnp.float32, -lim_b, lim_b))(kb)
+        return a, bb
+    if cfg.init == "svd_random":
+        std = jnp.std(w, axis=(-2, -1), keepdims=True)
+        w = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (m, n)))(keys) * std
+    bottom = cfg.init == "svd_bottom"
+    if cfg.svd_method == "randomized" and not bottom:
+        u, s, vt = jax.vmap(lambda x, k: svd_lib.randomized_svd(
+            x, rank, k, oversample=cfg.oversample, power_iters=cfg.power_iters))(w, keys)
+    else:
+        u, s, vt = svd_lib.exact_svd(w, rank, bottom=bottom)
+    a = u if cfg.init == "svd_no_sigma" else u * s[..., None, :]
+    return a, vt
+
+
+def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | None = None
+                  ) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{kernel path: (A, B)} in float32, shaped (*stack, *in_dims, r) and (*stack, r, *out_dims).
+
+    Same-shaped matrices are SVD'd together (``svd_batch`` at a time, vmapped and jitted). For
+    kernels placed on a mesh of several devices each batch is split over all of them: every
+    device decomposes whole matrices of its own, in parallel, and no device ever holds more than
+    its share of one batch (a kernel's shards are never gathered whole on every device). The
+    randomness of the randomized SVD and of the random inits comes from ``cfg.bases_seed`` and the
+    kernel's path, so the config alone determines A and B for a given W.
+    """
+    targets = find_targets(params, cfg) if targets is None else targets
+    flat = flatten(params)
+    base_key = jax.random.key(cfg.bases_seed)
+    groups: dict[tuple, list[Target]] = {}
+    for t in targets:
+        groups.setdefault((t.m, t.n, t.rank), []).append(t)
+    out: dict[str, tuple[jax.Array, jax.Array]] = {}
+    for (m, n, r), ts in groups.items():
+        mats, keys = [], []
+        split = None          # NamedSharding splitting a batch of whole matrices over the mesh
+        for t in ts:
+            w = jnp.asarray(unbox(flat[t.path]))
+            split = split or matrix_batch_sharding(w)
+            w = (w if split else gathered(w)).reshape((t.count, m, n))
+            k = path_key(base_key, t.name)
+            for i in range(t.count):
+                mats.append(w[i])
+                keys.append(jax.random.fold_in(k, i))
+        a_all, b_all = [], []
+        ways = split.mesh.size if split else 1
+        chunk = -(-cfg.svd_batch // ways) * ways
+        for lo in range(0, len(mats), chunk):
+            w, ks = jnp.stack(mats[lo:lo + chunk]), jnp.stack(keys[lo:lo + chunk])
+            if split:             # each device decomposes its own matrices
+                got = w.shape[0]
+                pad = -got % ways
+                if pad:
+                    w = jnp.concatenate([w] + [w[-1:]] * pad)
+                    ks = jnp.concatenate([ks] + [ks[-1:]] * pad)
+                w = to_matrix_batch(w, split.mesh)
+                a, b = bases_program(r, cfg, w.sharding)(w, ks)
+                a, b = a[:got], b[:got]
+            else:
+                a, b = _bases_jit(w.astype(jnp.float32), ks, r, cfg)
+            a_all.append(a)
+            b_all.append(b)
+        a_all = jnp.concatenate(a_all) if len(a_all) > 1 else a_all[0]
+        b_all = jnp.concatenate(b_all) if len(b_all) > 1 else b_all[0]
+        i = 0
+        for t in ts:
+            a = a_all[i:i + t.count].reshape(t.stack + t.in_dims + (r,))
+            b = b_all[i:i + t.count].reshape(t.stack + (r,) + t.out_dims)
+            out[t.name] = (a, b)
+            i += t.count
+    return out
+
+
+def matrix_batch_sharding(w) -> NamedSharding | None:
+    """For a kernel on a mesh of several devices: a sharding that splits a batch of whole
+    matrices along its first axis over every device, so the SVDs run in parallel and each device
+    holds only its own ~svd_batch/devices matrices. None off a mesh, under tracing, or on a
+    mesh with Explicit axes (``sharding.make_mesh`` makes Auto ones)."""
+    sharding = getattr(w, "sharding", None)
+    if (isinstance(w, jax.core.Tracer) or not isinstance(sharding, NamedSharding)
+            or sharding.mesh.size == 1):
+        return None
+    if any(t != jax.sharding.AxisType.Auto for t in sharding.mesh.axis_types):
+        return None           # Explicit axes type every slice's sharding: gather instead
+    return NamedSharding(sharding.mesh, PartitionSpec(tuple(sharding.mesh.axis_names), None, None))
+
+
+def to_matrix_batch(w: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+    """Reshard a stack of matrices (b, m, n) so that the batch axis is split over every mesh
+    axis and each matrix is whole on its device. Done one mesh axis at a time: first the axes
+    the matrices are replicated over (a local slice), then each axis splitting m or n moves to
+    the batch axis (one all-to-all each). A single jump between such layouts makes XLA replicate
+    the whole stack on every device first."""
+    def axes(e) -> tuple[str, ...]:
+        return () if e is None else (e,) if isinstance(e, str) else tuple(e)
+
+    # a layout XLA did not express on the mesh counts as replicated: one put
+    named = isinstance(w.sharding, NamedSharding)
+    mesh = mesh or w.sharding.mesh
+    now = tuple(w.sharding.spec) if named else ()
+    spec = [axes(e) for e in now + (None,) * (3 - len(now))]
+    used = {a for e in spec for a in e}
+    lead = list(spec[0]) + [a for a in mesh.axis_names if a not in used]
+    rest = [list(spec[1]), list(spec[2])]
+
+    def put(x):
+        sp = PartitionSpec(tuple(lead) or None, tuple(rest[0]) or None, tuple(rest[1]) or None)
+        return jax.device_put(x, NamedSharding(mesh, sp))
+
+    if len(lead) > len(spec[0]):
+        w = put(w)
+    for dim in (0, 1):
+        while rest[dim]:
+            lead.append(rest[dim].pop(0))
+            w = put(w)
+    return w
+
+
+@functools.lru_cache(maxsize=64)
+def bases_program(rank: int, cfg: LoraXSConfig, split: NamedSharding):
+    """``(w, keys) -> (A, B)`` for matrices split over the mesh by ``split``, keys alike."""
+    keys = NamedSharding(split.mesh, PartitionSpec(split.spec[0]))
+    jitted = jax.jit(lambda w, kd: _bases_for_matrices(w.astype(jnp.float32),
+                                                       jax.random.wrap_key_data(kd), rank, cfg),
+                     in_shardings=(split, keys), out_shardings=(split, split))
+
+    def run(w, ks):
+        # keys travel as host data: a one-device array cannot be put on a mesh that spans
+        # other processes, a numpy array that every process holds can
+        return jitted(w, jax.device_put(np.asarray(jax.random.key_data(ks)), keys))
+
+    return run
+
+
+def gathered(w: jax.Array) -> jax.Array:
+    """One kernel, replicated: LAPACK-style SVDs need whole matrices. The bases are placed back
+    on the kernel's sharding afterwards (by ``apply``)."""
+    sharding = getattr(w, "sharding", None)
+    if isinstance(w, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
+        return w
+    return jax.device_put(w, NamedSharding(sharding.mesh, PartitionSpec()))
+
+
+_bases_jit = jax.jit(_bases_for_matrices, static_argnums=(2, 3))
+
+

@@ -1,0 +1,281 @@
+"""Adapter files that hold R alone, base fingerprints, and a per-base cache of the bases.
+
+An adapter is one safetensors file. The R's of all adapted matrices of rank r are stacked into
+one tensor ``loraxs_R/r<r>`` of shape (matrices, r, r), so the file is r² × matrices × itemsize
+plus a small JSON header; the header's ``__metadata__`` holds the LoraXSConfig, the library
+version, the fingerprint of the base kernels and, per rank, how many kernels the rows belong to
+and a digest of their paths. Rows follow the kernels' paths in sorted order (a stacked kernel,
+e.g. nn.scan layers, contributes one row per matrix); the paths themselves are recomputed from
+the config and the base at load time, so the header stays small (hundreds of bytes) however many
+matrices are adapted. Extra trainable leaves
+(``cfg.trainable``, e.g. a task head) are stored under their own paths. A, B are recomputed
+from the base at load time (the config, including ``bases_seed``, determines them), or read
+from the bases cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' reader needs)
+import numpy as np
+import safetensors.numpy
+from jax.sharding import NamedSharding, PartitionSpec
+from safetensors import safe_open
+
+from loraxs_jax.apply import apply
+from loraxs_jax.bases import Target, compute_bases, find_targets
+from loraxs_jax.config import LoraXSConfig
+from loraxs_jax.parallel.hosts import to_host, write_file
+from loraxs_jax.tree import adapter_key, flatten, leaf_role, path_str, unbox, unflatten
+
+FORMAT = "loraxs-jax/adapter-v1"
+_SAMPLE = 1024
+_R = "loraxs_R/r"
+
+
+def _version() -> str:
+    from loraxs_jax import __version__
+
+    return __version__
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                 metadata: Mapping[str, str]) -> Path:
+    """One safetensors file (``safetensors.numpy``; bf16 included, no torch), written by process
+    0 atomically, then a barrier (``parallel.write_file``)."""
+    data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                  metadata=dict(metadata))
+    return write_file(path, data)
+
+
+def _adapter_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def _strided(w: jax.Array) -> jax.Array:
+    flat = jnp.ravel(w)
+    stride = max(1, flat.shape[0] // _SAMPLE)
+    return flat[::stride][:_SAMPLE].astype(jnp.float32)
+
+
+def _sample(w: jax.Array) -> jax.Array:
+    """1,024 strided entries; replicated when ``w`` is sharded, so every process can read them."""
+    sharding = getattr(w, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return jax.jit(_strided, out_shardings=NamedSharding(sharding.mesh, PartitionSpec()))(w)
+    return _strided(w)
+
+
+def fingerprint(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | None = None) -> str:
+    """A hash of the targeted base kernels: their paths, shapes and 1,024 evenly strided values
+    each (as float32). It tells one base model from another (different checkpoints, a fine-tuned
+    copy, a different architecture) at the cost of a tiny device→host transfer, also for sharded
+    7B models; it does not see a change confined to unsampled entries.
+    """
+    targets = find_targets(params, cfg) if targets is None else targets
+    flat = flatten(params)
+    samples = jax.device_get([_sample(jnp.asarray(unbox(flat[t.path]))) for t in targets])
+    h = hashlib.sha256()
+    for t, s in sorted(zip(targets, samples), key=lambda x: x[0].name):
+        h.update(f"{t.name}:{t.shape}".encode())
+        h.update(np.asarray(s, np.float32).tobytes())
+    return h.hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------- adapters
+def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
+                 dtype: Any = None, include_extras: bool = True,
+                 base_fingerprint: str | None = None) -> Path:
+    """Write the R's of an adapted tree (and, with ``include_extras``, the leaves matching
+    ``cfg.trainable``, e.g. a task head) to ``path`` (``.safetensors`` appended if missing).
+
+    Args:
+      path: file to write, atomically.
+      params: the adapted (unmerged) tree; its base kernels are fingerprinted.
+      cfg: the config used in ``apply``.
+      dtype: store R in this dtype (e.g. jnp.bfloat16 halves the file); default R's own dtype.
+      include_extras: also store the ``cfg.trainable`` leaves.
+      base_fingerprint: skip fingerprinting if you already have it.
+    Returns: the path written.
+    """
+    flat = flatten(params)
+    tensors: dict[str, np.ndarray] = {}
+    rows: dict[int, list[np.ndarray]] = {}
+    adapted: dict[int, list[str]] = {}
+    for p, v in flat.items():
+        role = leaf_role(p[-1])
+        if role and role[1] == "R":
+            r = np.asarray(to_host(unbox(v)), dtype=dtype or unbox(v).dtype)
+            rank = r.shape[-1]
+            rows.setdefault(rank, []).append(r.reshape(-1, rank, rank))
+            adapted.setdefault(rank, []).append(path_str((*p[:-1], role[0])))
+        elif include_extras and not role and cfg.trainable and cfg.is_extra_trainable(path_str(p)):
+            tensors[path_str(p)] = to_host(unbox(v))
+    if not adapted:
+        raise ValueError("no *_loraxs_R leaves in these params: nothing to save "
+                         "(save the tree returned by loraxs_jax.apply, not a merged one)")
+    for rank, rs in rows.items():
+        order = np.argsort(adapted[rank], kind="stable")
+        tensors[f"{_R}{rank}"] = np.concatenate([rs[i] for i in order])
+    base = {p: v for p, v in flat.items() if not leaf_role(p[-1])}
+    targets = find_targets(_plain(base), cfg)
+    found = sorted(t.name for t in targets)
+    names = sorted(n for ns in adapted.values() for n in ns)
+    if found != names:
+        raise ValueError(f"cfg does not describe these params: it targets {found[:4]}..., the "
+                         f"params are adapted at {names[:4]}...")
+    meta = {
+        "format": FORMAT,
+        "loraxs_jax_version": _version(),
+        "config": json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":")),
+        "base_fingerprint": base_fingerprint or fingerprint(_plain(base), cfg, targets),
+        "adapted": json.dumps(_layout(adapted), separators=(",", ":")),
+    }
+    # multi-process: every process computes, process 0 writes
+    return save_tensors(_adapter_path(path), tensors, meta)
+
+
+def _layout(names_by_rank: Mapping[int, list[str]]) -> dict[str, dict[str, Any]]:
+    """{rank: {"kernels": n, "digest": hash of the sorted paths}}: what the rows of each stacked
+    R tensor belong to, without writing every path into the header."""
+    out = {}
+    for rank, names in sorted(names_by_rank.items()):
+        digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
+        out[str(rank)] = {"kernels": len(names), "digest": digest}
+    return out
+
+
+def _plain(flat: Mapping[tuple, Any]) -> dict:
+    return unflatten(flat)
+
+
+def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of an adapter file: config (LoraXSConfig), version, fingerprint, adapted
+    kernels, tensor names, and its size in bytes."""
+    p = _adapter_path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no adapter file at {p}")
+    with safe_open(p, framework="numpy") as f:
+        metadata, keys = f.metadata() or {}, list(f.keys())
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{p} is not a loraxs-jax adapter (format={metadata.get('format')!r})")
+    return {
+        "config": LoraXSConfig.from_dict(json.loads(metadata["config"])),
+        "version": metadata.get("loraxs_jax_version"),
+        "base_fingerprint": metadata["base_fingerprint"],
+        "adapted": {int(k): v for k, v in json.loads(metadata["adapted"]).items()},
+        "tensors": keys,
+        "bytes": p.stat().st_size,
+    }
+
+
+def _config_diff(a: LoraXSConfig, b: LoraXSConfig) -> dict[str, tuple]:
+    da, db = a.to_dict(), b.to_dict()
+    return {k: (da[k], db[k]) for k in da if k not in ("r_std", "svd_batch") and da[k] != db[k]}
+
+
+def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfig | None = None,
+                 *, bases_cache: str | os.PathLike | None = None,
+                 check_base: bool = True) -> Mapping:
+    """Rebuild the adapted tree: ``apply`` the stored config to ``base_params`` (A, B recomputed,
+    or read from ``bases_cache``) and put the stored R's (and extras) in place.
+
+    Raises a ValueError naming the difference when the base's fingerprint is not the one the
+    adapter was trained on (pass ``check_base=False`` to override, e.g. after a dtype cast), when
+    ``cfg`` is given and differs from the stored config, or when tensors are missing or
+    mis-shaped.
+    """
+    info = adapter_info(path)
+    stored: LoraXSConfig = info["config"]
+    if cfg is not None:
+        diff = _config_diff(stored, cfg)
+        if diff:
+            raise ValueError(f"adapter {path} was made with a different config: "
+                             + "; ".join(f"{k}: file {v[0]!r} vs given {v[1]!r}"
+                                         for k, v in diff.items()))
+    targets = find_targets(base_params, stored)
+    by_rank: dict[int, list[str]] = {}
+    for t in targets:
+        by_rank.setdefault(t.rank, []).append(t.name)
+    here = {int(k): v for k, v in _layout(by_rank).items()}
+    if here != info["adapted"]:
+        def show(layout):
+            return ", ".join(f"{v['kernels']} of rank {k}" for k, v in sorted(layout.items()))
+        raise ValueError(
+            f"adapter {path} does not fit these params: it holds R for {show(info['adapted'])} "
+            f"kernels, while its targets select {show(here)} here (or other paths: the digests "
+            f"differ); targets here include {sorted(t.name for t in targets)[:4]}")
+    fp = fingerprint(base_params, stored, targets)
+    if check_base and fp != info["base_fingerprint"]:
+        raise ValueError(f"adapter {path} was trained on a different base model (fingerprint "
+                         f"{info['base_fingerprint']} vs {fp} for these params). Load the base it "
+                         "was made for, or pass check_base=False if the difference is intended.")
+    bases = cached_bases(base_params, stored, bases_cache, fp, targets) if bases_cache else None
+    adapted = apply(base_params, stored, 0, bases=bases)
+    with safe_open(_adapter_path(path), framework="numpy") as f:
+        stored_tensors = {name: f.get_tensor(name) for name in f.keys()}
+    new = dict(flatten(adapted))
+    paths = {path_str(p): p for p in new}
+    values: dict[str, np.ndarray] = {}
+    for rank, kernels in by_rank.items():
+        stacked = stored_tensors[f"{_R}{rank}"]
+        i = 0
+        for name in sorted(kernels):
+            leaf = unbox(new[paths[adapter_key(name, "R")]])
+            n = int(np.prod(leaf.shape[:-2]))
+            if stacked.shape[1:] != (rank, rank) or i + n > stacked.shape[0]:
+                raise ValueError(f"adapter {path}: {_R}{rank} of shape {stacked.shape} does not "
+                                 f"hold R for {name} (expected {leaf.shape})")
+            values[adapter_key(name, "R")] = stacked[i:i + n].reshape(leaf.shape)
+            i += n
+    for name, value in stored_tensors.items():
+        if not name.startswith(_R):
+            if name not in paths:
+                raise ValueError(f"adapter tensor {name} has no place in these params")
+            values[name] = value
+    for name, value in values.items():
+        p = paths[name]
+        old = unbox(new[p])
+        if tuple(value.shape) != tuple(old.shape):
+            raise ValueError(f"adapter tensor {name} has shape {value.shape}, params expect "
+                             f"{tuple(old.shape)}")
+        arr = jnp.asarray(value, dtype=old.dtype)
+        sharding = getattr(old, "sharding", None)
+        new[p] = jax.device_put(arr, sharding) if sharding is not None else arr
+    return unflatten(new, adapted)
+
+
+# ----------------------------------------------------------------------------- bases cache
+def cached_bases(base_params: Mapping, cfg: LoraXSConfig, cache_dir: str | os.PathLike,
+                 fp: str | None = None, targets: list[Target] | None = None
+                 ) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{kernel path: (A, B)} for ``cfg`` on this base, computed once and kept in ``cache_dir``
+    (one safetensors file per base fingerprint and bases-relevant config), so a hundred adapters
+    on one base pay for the SVDs once. Pass the result to ``apply(..., bases=...)``."""
+    targets = find_targets(base_params, cfg) if targets is None else targets
+    fp = fp or fingerprint(base_params, cfg, targets)
+    key = hashlib.sha256((fp + json.dumps(cfg.bases_dict(), sort_keys=True)).encode())
+    file = Path(cache_dir) / f"bases-{key.hexdigest()[:24]}.safetensors"
+    if file.exists():
+        with safe_open(file, framework="numpy") as f:
+            return {t.name: (jnp.asarray(f.get_tensor(adapter_key(t.name, "A"))),
+                             jnp.asarray(f.get_tensor(adapter_key(t.name, "B"))))
+                    for t in targets}
+    bases = compute_bases(base_params, cfg, targets)
+    tensors = {}
+    for name, (a, b) in bases.items():
+        tensors[adapter_key(name, "A")] = to_host(a)
+        tensors[adapter_key(name, "B")] = to_host(b)
+    save_tensors(file, tensors, {"format": "loraxs-jax/bases-v1", "base_fingerprint": fp,
+                                 "bases_config": json.dumps(cfg.bases_dict())})
+    return bases

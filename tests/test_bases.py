@@ -1,0 +1,176 @@
+"""find_targets / compute_bases: the init variants against numpy, stacked and multi-axis kernels,
+randomized SVD, bad targets, and bases of sharded kernels computed split over the mesh."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import loraxs_jax as lx
+from loraxs_jax import parallel as sh
+from loraxs_jax.models import decoder as dec
+
+CFG = lx.LoraXSConfig(rank=4, alpha=8.0, targets=(r"(q|v|o)/kernel$",))
+
+
+def test_svd_init_is_numpy_rank_r_approximation(small_params):
+    p = small_params(1)
+    ap = lx.apply(p, CFG, 0)
+    for k in ("q", "v", "o"):
+        w = np.asarray(p["layer"][k]["kernel"], np.float64)
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        a, b = ap["layer"][k]["kernel_loraxs_A"], ap["layer"][k]["kernel_loraxs_B"]
+        np.testing.assert_allclose(a @ b, (u[:, :4] * s[:4]) @ vt[:4], atol=1e-5)
+        np.testing.assert_allclose(b @ b.T, np.eye(4), atol=1e-5)       # B = V_rᵀ orthonormal
+        np.testing.assert_allclose(np.linalg.norm(a, axis=0), s[:4], rtol=1e-5)   # A = U_r Σ_r
+
+
+@pytest.mark.parametrize("init", ["svd_no_sigma", "svd_bottom", "random", "svd_random"])
+def test_init_variants(small_params, init):
+    p = small_params(2)
+    ap = lx.apply(p, lx.LoraXSConfig(rank=4, targets=("q/kernel$",), init=init), 0)
+    w = np.asarray(p["layer"]["q"]["kernel"], np.float64)
+    a = np.asarray(ap["layer"]["q"]["kernel_loraxs_A"], np.float64)
+    b = np.asarray(ap["layer"]["q"]["kernel_loraxs_B"], np.float64)
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    if init == "svd_no_sigma":
+        np.testing.assert_allclose(a.T @ a, np.eye(4), atol=1e-5)       # A = U_r
+        np.testing.assert_allclose(a * s[:4] @ b, (u[:, :4] * s[:4]) @ vt[:4], atol=1e-5)
+    elif init == "svd_bottom":
+        np.testing.assert_allclose(np.linalg.norm(a, axis=0), s[-4:], rtol=1e-5)
+        np.testing.assert_allclose(a @ b, (u[:, -4:] * s[-4:]) @ vt[-4:], atol=1e-5)
+    elif init == "random":   # Kaiming-uniform as torch nn.Linear: bounds 1/sqrt(fan_in)
+        assert np.abs(a).max() <= 1 / math.sqrt(24) and np.abs(b).max() <= 1 / math.sqrt(4)
+        assert np.abs(a).max() > 0.8 / math.sqrt(24) and a.std() > 0.1
+        # random bases are not W's singular subspace
+        assert np.linalg.svd(u[:, :4].T @ np.linalg.qr(a)[0], compute_uv=False).min() < 0.9
+    else:  # svd_random: an orthonormal SVD basis, but of a random matrix, not of W
+        np.testing.assert_allclose(b @ b.T, np.eye(4), atol=1e-5)
+        an = a / np.linalg.norm(a, axis=0)
+        np.testing.assert_allclose(an.T @ an, np.eye(4), atol=1e-5)
+        assert np.linalg.svd(u[:, :4].T @ an, compute_uv=False).min() < 0.9
+        assert 0.3 < np.linalg.norm(a, axis=0)[0] / s[0] < 3   # scaled like W
+
+
+def test_per_target_rank_stacked_and_dense_general():
+    rng = np.random.default_rng(4)
+    p = {"attn": {"kernel": jnp.asarray(rng.normal(size=(16, 4, 8)), jnp.float32)},  # (in, H, D)
+         "scan": {"mlp": {"kernel": jnp.asarray(rng.normal(size=(3, 16, 32)), jnp.float32)}}}
+    cfg = lx.LoraXSConfig(rank={"attn": 4, "mlp": 6}, targets=("attn/kernel$", "mlp/kernel$"),
+                          in_axes={"attn": 1}, stacked_axes={"scan/": 1})
+    ap = lx.apply(p, cfg, 0)
+    assert ap["attn"]["kernel_loraxs_A"].shape == (16, 4)
+    assert ap["attn"]["kernel_loraxs_B"].shape == (4, 4, 8)
+    assert ap["scan"]["mlp"]["kernel_loraxs_A"].shape == (3, 16, 6)
+    assert ap["scan"]["mlp"]["kernel_loraxs_R"].shape == (3, 6, 6)
+    assert lx.count(ap)["R"] == 16 + 3 * 36
+    # each stacked matrix has its own SVD
+    w = np.asarray(p["scan"]["mlp"]["kernel"])
+    for i in range(3):
+        u, s, vt = np.linalg.svd(w[i], full_matrices=False)
+        ab = ap["scan"]["mlp"]["kernel_loraxs_A"][i] @ ap["scan"]["mlp"]["kernel_loraxs_B"][i]
+        np.testing.assert_allclose(ab, (u[:, :6] * s[:6]) @ vt[:6], atol=1e-4)
+    # the DenseGeneral kernel is the (16, 32) matrix
+    u, s, vt = np.linalg.svd(np.asarray(p["attn"]["kernel"]).reshape(16, 32), full_matrices=False)
+    ab = ap["attn"]["kernel_loraxs_A"] @ ap["attn"]["kernel_loraxs_B"].reshape(4, 32)
+    np.testing.assert_allclose(ab, (u[:, :4] * s[:4]) @ vt[:4], atol=1e-4)
+
+
+def test_randomized_method_close_to_exact_and_seeded(small_params):
+    p = small_params(5, {"q": (96, 64)})
+    ex = lx.apply(p, lx.LoraXSConfig(rank=8, targets=("q/kernel$",)), 0)["layer"]["q"]
+    cfg = lx.LoraXSConfig(rank=8, targets=("q/kernel$",), svd_method="randomized",
+                          power_iters=6)
+    rd = lx.apply(p, cfg, 0)["layer"]["q"]
+    rd2 = lx.apply(p, cfg, 1)["layer"]["q"]
+    assert np.array_equal(rd["kernel_loraxs_A"], rd2["kernel_loraxs_A"])  # bases ignore rng
+    w = np.asarray(p["layer"]["q"]["kernel"])
+    err = lambda n: np.linalg.norm(w - n["kernel_loraxs_A"] @ n["kernel_loraxs_B"])
+    assert err(rd) < err(ex) * 1.02
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(rank=20), r"rank 20 exceeds min\(in, out\)=16 for layer/q/kernel"),
+    (dict(targets=("nope/kernel$",)), r"matched no kernel.*layer/q/kernel"),
+    (dict(targets=("q/kernel$", "zzz")), r"target patterns \['zzz'\] matched no kernel"),
+    (dict(targets=("q/bias",)), r"matched only 1-D params"),
+])
+def test_bad_input_names_the_culprit(small_params, bad, match):
+    kw = dict(rank=4, targets=("q/kernel$",)) | bad
+    with pytest.raises(ValueError, match=match):
+        lx.apply(small_params(), lx.LoraXSConfig(**kw), 0)
+
+
+MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
+
+
+DEC = dec.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                        num_heads=4, num_kv_heads=4, head_dim=8, scan_layers=True)
+
+
+DEC_LORA = lx.LoraXSConfig(rank=4, alpha=8.0, r_std=0.3, stacked_axes=1,
+                           targets=(r"(q|k|v|o|gate|up|down)_proj/kernel$",))
+
+
+def mesh_of(shape):
+    return sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
+
+
+def place(params, base_shardings):
+    shardings = sh.adapted_shardings(params, base_shardings)
+    return sh.shard_params(params, shardings), shardings
+
+
+@pytest.fixture(scope="module")
+def decoder_params():
+    base = jax.tree.map(lambda x: 8 * x if x.ndim >= 2 else x,
+                        dec.init_params(DEC, jax.random.key(2)))
+    return lx.apply(base, DEC_LORA, jax.random.key(3))
+
+
+@pytest.mark.parametrize("init, method, atol", [("svd", "exact", 1e-6),
+                                                ("svd_no_sigma", "randomized", 1e-4),
+                                                ("svd_random", "exact", 1e-4)])
+def test_bases_of_sharded_kernels_are_computed_split_over_the_mesh(init, method, atol):
+    """On a mesh, every device decomposes whole matrices of its own (the SVD batch is split
+    over all 8 devices, padded when it does not divide); A and B equal the one-device bases."""
+    from loraxs_jax import bases
+
+    cfg = dataclasses.replace(DEC, scan_layers=False, num_layers=3)
+    lora = lx.LoraXSConfig(rank=4, targets=DEC_LORA.targets, init=init, svd_method=method)
+    base = dec.init_params(cfg, jax.random.key(6))
+    want = bases.compute_bases(base, lora)
+    mesh = mesh_of((2, 2, 2))
+    placed = sh.shard_params(base, sh.param_shardings(base, dec.param_logical_axes(cfg), mesh))
+    before = bases.bases_program.cache_info()
+    got = bases.compute_bases(placed, lora)
+    after = bases.bases_program.cache_info()
+    # one call per shape group: q,k,v,o 32x32; gate,up 32x64; down 64x32
+    assert after.hits + after.misses - before.hits - before.misses == 3
+    split = P(("data", "fsdp", "tensor"), None, None)
+    assert bases.matrix_batch_sharding(placed["lm_head"]["kernel"]).spec == split
+    assert bases.matrix_batch_sharding(base["lm_head"]["kernel"]) is None  # one device
+    for name, (a, b) in want.items():
+        np.testing.assert_allclose(np.asarray(got[name][0]), np.asarray(a), atol=atol, err_msg=name)
+        np.testing.assert_allclose(np.asarray(got[name][1]), np.asarray(b), atol=atol, err_msg=name)
+
+
+def test_matrix_batch_reshard_moves_one_axis_at_a_time():
+    from jax.sharding import NamedSharding
+
+    from loraxs_jax import bases
+
+    mesh = mesh_of((2, 2, 2))
+    x = np.arange(8 * 4 * 8, dtype=np.float32).reshape(8, 4, 8)
+    for spec, want in [(P(None, "fsdp", "tensor"), P(("data", "fsdp", "tensor"), None, None)),
+                       (P(None, None, ("tensor", "fsdp")), P(("data", "tensor", "fsdp"), None, None)),
+                       (P(), P(("data", "fsdp", "tensor"), None, None)),
+                       (P("data", None, "tensor"), P(("data", "fsdp", "tensor"), None, None))]:
+        got = bases.to_matrix_batch(jax.device_put(x, NamedSharding(mesh, spec)))
+        assert got.sharding.spec == want, spec
+        assert got.addressable_shards[0].data.shape == (1, 4, 8)     # whole matrices
+        np.testing.assert_array_equal(np.asarray(got), x)
