@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,16 @@ import safetensors.numpy
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors import safe_open
 
-from loraxs_jax.apply import apply
-from loraxs_jax.bases import Target, compute_bases, find_targets
+from loraxs_jax.apply import adapted_geometries, insert
+from loraxs_jax.bases import (
+    Target,
+    compute_bases,
+    configured_geometry,
+    find_targets,
+    matching_kernels,
+)
 from loraxs_jax.config import LoraXSConfig
+from loraxs_jax.geometry import Geometry
 from loraxs_jax.parallel.hosts import to_host, write_file
 from loraxs_jax.tree import adapter_key, flatten, leaf_role, path_str, unbox, unflatten
 
@@ -54,6 +62,17 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
     data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                                   metadata=dict(metadata))
     return write_file(path, data)
+
+
+def _as_tree(params: Any) -> Mapping:
+    """An NNX module's variables as a plain tree (``nnx.params``); a tree as is."""
+    from flax import nnx as flax_nnx
+
+    if isinstance(params, flax_nnx.Module):
+        from loraxs_jax import nnx
+
+        return nnx.params(params)
+    return params
 
 
 def _adapter_path(path: str | os.PathLike) -> Path:
@@ -108,6 +127,7 @@ def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
       base_fingerprint: skip fingerprinting if you already have it.
     Returns: the path written.
     """
+    params = _as_tree(params)
     flat = flatten(params)
     tensors: dict[str, np.ndarray] = {}
     rows: dict[int, list[np.ndarray]] = {}
@@ -128,7 +148,8 @@ def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
         order = np.argsort(adapted[rank], kind="stable")
         tensors[f"{_R}{rank}"] = np.concatenate([rs[i] for i in order])
     base = {p: v for p, v in flat.items() if not leaf_role(p[-1])}
-    targets = find_targets(_plain(base), cfg)
+    geometries = adapted_geometries(params)
+    targets = find_targets(_plain(base), cfg, geometries)
     found = sorted(t.name for t in targets)
     names = sorted(n for ns in adapted.values() for n in ns)
     if found != names:
@@ -141,6 +162,9 @@ def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
         "base_fingerprint": base_fingerprint or fingerprint(_plain(base), cfg, targets),
         "adapted": json.dumps(_layout(adapted), separators=(",", ":")),
     }
+    table = _geometry_table(geometries, cfg)
+    if table:
+        meta["geometry"] = json.dumps(table, sort_keys=True, separators=(",", ":"))
     # multi-process: every process computes, process 0 writes
     return save_tensors(_adapter_path(path), tensors, meta)
 
@@ -152,6 +176,40 @@ def _layout(names_by_rank: Mapping[int, list[str]]) -> dict[str, dict[str, Any]]
     for rank, names in sorted(names_by_rank.items()):
         digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
         out[str(rank)] = {"kernels": len(names), "digest": digest}
+    return out
+
+
+def _geometry_table(geometries: Mapping[str, Geometry], cfg: LoraXSConfig) -> dict[str, str]:
+    """The kernels whose geometry the config alone would not reproduce (read from the model by
+    ``apply(forward=...)``: einsum weights, torch layouts), as {path pattern: roles}; layer
+    numbers become '#' where every layer agrees, so the header stays small."""
+    odd = {}
+    for name, g in geometries.items():
+        try:
+            if configured_geometry(name, g.shape, cfg) == g:
+                continue
+        except ValueError:
+            pass
+        odd[name] = g.roles
+    by_pattern: dict[str, set[str]] = {}
+    for name, roles in odd.items():
+        by_pattern.setdefault(re.sub(r"\d+", "#", name), set()).add(roles)
+    table = {}
+    for name, roles in odd.items():
+        pattern = re.sub(r"\d+", "#", name)
+        table[pattern if len(by_pattern[pattern]) == 1 else name] = roles
+    return table
+
+
+def _stored_geometries(table: Mapping[str, str], params: Mapping, cfg: LoraXSConfig
+                       ) -> dict[str, Geometry]:
+    """The geometries an adapter file records, for the kernels of ``params`` ``cfg`` targets."""
+    out = {}
+    for path, shape in matching_kernels(params, cfg).items():
+        name = path_str(path)
+        roles = table.get(name) or table.get(re.sub(r"\d+", "#", name))
+        if roles:
+            out[name] = Geometry.from_roles(shape, roles)
     return out
 
 
@@ -174,6 +232,7 @@ def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
         "version": metadata.get("loraxs_jax_version"),
         "base_fingerprint": metadata["base_fingerprint"],
         "adapted": {int(k): v for k, v in json.loads(metadata["adapted"]).items()},
+        "geometry": json.loads(metadata.get("geometry", "{}")),
         "tensors": keys,
         "bytes": p.stat().st_size,
     }
@@ -195,6 +254,14 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
     ``cfg`` is given and differs from the stored config, or when tensors are missing or
     mis-shaped.
     """
+    from flax import nnx as flax_nnx
+
+    if isinstance(base_params, flax_nnx.Module):
+        from loraxs_jax import nnx
+
+        tree = load_adapter(path, nnx.params(base_params), cfg, bases_cache=bases_cache,
+                            check_base=check_base)
+        return nnx.load_into(base_params, tree)
     info = adapter_info(path)
     stored: LoraXSConfig = info["config"]
     if cfg is not None:
@@ -203,7 +270,8 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
             raise ValueError(f"adapter {path} was made with a different config: "
                              + "; ".join(f"{k}: file {v[0]!r} vs given {v[1]!r}"
                                          for k, v in diff.items()))
-    targets = find_targets(base_params, stored)
+    targets = find_targets(base_params, stored,
+                           _stored_geometries(info["geometry"], base_params, stored))
     by_rank: dict[int, list[str]] = {}
     for t in targets:
         by_rank.setdefault(t.rank, []).append(t.name)
@@ -221,7 +289,7 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
                          f"{info['base_fingerprint']} vs {fp} for these params). Load the base it "
                          "was made for, or pass check_base=False if the difference is intended.")
     bases = cached_bases(base_params, stored, bases_cache, fp, targets) if bases_cache else None
-    adapted = apply(base_params, stored, 0, bases=bases)
+    adapted = insert(base_params, stored, targets, 0, bases)
     with safe_open(_adapter_path(path), framework="numpy") as f:
         stored_tensors = {name: f.get_tensor(name) for name in f.keys()}
     new = dict(flatten(adapted))
@@ -264,7 +332,9 @@ def cached_bases(base_params: Mapping, cfg: LoraXSConfig, cache_dir: str | os.Pa
     on one base pay for the SVDs once. Pass the result to ``apply(..., bases=...)``."""
     targets = find_targets(base_params, cfg) if targets is None else targets
     fp = fp or fingerprint(base_params, cfg, targets)
-    key = hashlib.sha256((fp + json.dumps(cfg.bases_dict(), sort_keys=True)).encode())
+    geometry = sorted((t.name, t.geometry.roles) for t in targets if not t.geometry.standard)
+    key = hashlib.sha256((fp + json.dumps(cfg.bases_dict(), sort_keys=True)
+                          + json.dumps(geometry)).encode())
     file = Path(cache_dir) / f"bases-{key.hexdigest()[:24]}.safetensors"
     if file.exists():
         with safe_open(file, framework="numpy") as f:

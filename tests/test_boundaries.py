@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-CORE = {"config", "svd", "bases", "apply", "delta", "linen", "nnx", "merge", "partition", "io"}
+CORE = {"config", "svd", "bases", "apply", "intercept", "nnx", "merge", "partition", "io"}
+SHARED = {"tree", "geometry"}   # path and layout helpers every layer may use
 
 
 def _modules(repo: Path) -> dict[str, Path]:
@@ -45,7 +46,7 @@ def _kind(module: str) -> str:
         return "package"
     if parts[1] in ("models", "experiments", "parallel"):
         return parts[1]
-    if parts[1] == "tree":
+    if parts[1] in SHARED:
         return "tree"
     assert parts[1] in CORE, f"{module} is in no layer of the layout: add it to CORE or a package"
     return "core"

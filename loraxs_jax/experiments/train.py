@@ -206,7 +206,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
         config.num_epochs * steps_per_epoch)
     eval_every = config.eval_every_steps or steps_per_epoch
 
-    apply_fn = lx.wrap(model.module.apply)
+    apply_fn = method.apply_fn(model.module.apply)
     tx = make_optimizer(config, method.split()[0], method, total)
     mesh, state, frozen, state_sh, frozen_sh = place_on_mesh(config, model, method, tx)
     run = Run(

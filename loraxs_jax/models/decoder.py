@@ -15,8 +15,7 @@ Param paths mirror Hugging Face names so LoRA-XS target regexes read the same as
 
 With ``scan_layers=True`` the layers are one ``nn.scan``: paths become ``model/layers/...`` and
 every layer param gains a leading layer axis (logical name ``'layers'``). Every projection is a
-plain ``nn.Dense`` called as a module, so LoRA-XS picks it up by intercepting ``nn.Dense.__call__``
-and reading its ``kernel_loraxs_*`` siblings.
+plain ``nn.Dense`` with an (in, out) kernel; the model knows nothing of LoRA-XS.
 
 Forward::
 

@@ -5,9 +5,8 @@ model is RoBERTa-large); ``EncoderConfig`` switches what differs: RoBERTa's posi
 (padding_idx + 1 + index among non-pad tokens), token-type embeddings, layer-norm epsilon, exact
 or tanh GELU, and the classification head.
 
-Every projection is a plain ``nn.Dense`` with a 2-D kernel (in, out), called as a module, so
-LoRA-XS adapts the model unmodified: ``loraxs_jax`` intercepts ``nn.Dense.__call__`` and reads
-``kernel_loraxs_{A,B,R,scale}`` stored beside ``kernel``.
+Every projection is a plain ``nn.Dense`` with a 2-D kernel (in, out); the model knows nothing of
+LoRA-XS (``loraxs_jax.wrap`` adapts its contractions).
 
 Param paths ('/'-joined, ``params`` collection), H = hidden_size, I = intermediate_size,
 for i in 0..num_layers-1::
