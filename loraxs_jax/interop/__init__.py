@@ -2,8 +2,10 @@
 llama.cpp GGUF files, and official LoRA-XS checkpoints.
 
 * ``export_peft``: a LoRA-XS adapter as a standard PEFT LoRA (lora_A = (A·R)ᵀ, lora_B = Bᵀ).
+* ``export_hf``: a merged model as a transformers folder (safetensors, config.json, tokenizer).
 """
 
+from loraxs_jax.interop.hf import export_hf
 from loraxs_jax.interop.peft import export_peft
 
-__all__ = ["export_peft"]
+__all__ = ["export_hf", "export_peft"]
