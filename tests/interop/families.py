@@ -50,9 +50,11 @@ def torch_logits(model, fam):
 
 
 def our_logits(config, params):
+    """Our forward, through ``lx.wrap``: plain (merged) or adapted params."""
     if isinstance(config, encoder.EncoderConfig):
-        return np.asarray(encoder.Encoder(config).apply({"params": params}, IDS, MASK), np.float32)
-    return np.asarray(decoder.DecoderForCausalLM(config).apply(
+        return np.asarray(lx.wrap(encoder.Encoder(config).apply)({"params": params}, IDS, MASK),
+                          np.float32)
+    return np.asarray(lx.wrap(decoder.DecoderForCausalLM(config).apply)(
         {"params": params}, IDS, np.ones_like(MASK)), np.float32)
 
 
