@@ -161,7 +161,7 @@ def _plain(flat: Mapping[tuple, Any]) -> dict:
 
 def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of an adapter file: config (LoraXSConfig), version, fingerprint, adapted
-    kernels, tensor names, and its size in bytes."""
+    kernels, tensor names, its path and its size in bytes."""
     p = _adapter_path(path)
     if not p.exists():
         raise FileNotFoundError(f"no adapter file at {p}")
@@ -175,6 +175,7 @@ def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
         "base_fingerprint": metadata["base_fingerprint"],
         "adapted": {int(k): v for k, v in json.loads(metadata["adapted"]).items()},
         "tensors": keys,
+        "path": p,
         "bytes": p.stat().st_size,
     }
 

@@ -35,6 +35,12 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
 _COMPUTE = ("dtype", "param_dtype", "scan_layers", "remat")
 
 
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether a folder holds a tokenizer's files."""
+    return any((Path(folder) / n).is_file() for n in COPIED_FILES
+               if n.startswith(("tokenizer", "vocab", "spiece")))
+
+
 def _rope(c: decoder.DecoderConfig) -> dict[str, Any]:
     rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta}
     if c.rope_type in ("linear", "llama3"):
@@ -156,12 +162,12 @@ def export_hf(params: Mapping, config, out: str | os.PathLike, *,
     write_file(out / "config.json", (json.dumps(cfg_json, indent=2) + "\n").encode())
     if isinstance(tokenizer, (str, os.PathLike)):
         src = Path(tokenizer)
-        found = [n for n in COPIED_FILES if (src / n).is_file()]
-        if not any(n.startswith(("tokenizer", "vocab")) for n in found):
+        if not has_tokenizer(src):
             raise FileNotFoundError(f"{src} holds no tokenizer files (tokenizer.json, vocab.txt, "
                                     "...)")
-        for n in found:
-            write_file(out / n, (src / n).read_bytes())
+        for n in COPIED_FILES:
+            if (src / n).is_file():
+                write_file(out / n, (src / n).read_bytes())
     elif tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out

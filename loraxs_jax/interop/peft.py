@@ -167,6 +167,10 @@ def _modules_to_save(params, config, cfg, names_of, targets: set[str],
             for name in names_of(path)[0]:
                 top = name.split(".")[0]
                 chosen.add(top if top not in BASE_MODULES else module_of(name))
+    if "classifier" in chosen and getattr(config, "head", "cls") != "cls":
+        raise ValueError(f"a head={config.head!r} classifier reads mean-pooled tokens, while "
+                         "transformers' *ForSequenceClassification reads [CLS]: PEFT cannot "
+                         "hold it (export the LoRA alone: cfg=None, or --no-head)")
     clash = sorted(t for t in targets for m in chosen if t == m or t.startswith(m + "."))
     if clash:
         raise ValueError(f"modules_to_save {sorted(chosen)} contain LoRA targets {clash[:3]}: "

@@ -3,9 +3,10 @@ and our adapted versions of them (helpers in families.py)."""
 
 import jax
 import pytest
-from families import hf_config, is_encoder, load_ours, lora_config, torch_class
+from families import byte_bpe, hf_config, is_encoder, load_ours, lora_config, torch_class
 
 import loraxs_jax as lx
+from loraxs_jax.models import decoder
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +51,22 @@ def adapted(checkpoint):
         return made[fam]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """(folder, config, adapted params): a random HF Llama with a byte-level BPE tokenizer and
+    LoRA-XS on every projection."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama_bpe")
+    n = byte_bpe(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=n + 4, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, rms_norm_eps=1e-5,
+                                 max_position_embeddings=64)).save_pretrained(folder)
+    config, base = decoder.load_decoder(folder)
+    cfg = lx.LoraXSConfig(rank=4, alpha=8.0, r_std=0.5, targets=decoder.PAPER_TARGETS)
+    return folder, config, lx.apply(base, cfg, jax.random.key(0))

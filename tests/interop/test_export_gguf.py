@@ -17,44 +17,6 @@ from loraxs_jax.models.gguf import load_gguf
 TEXTS = ["the theme", "Hello world, 1234 the end\n", "<|endoftext|>tthe"]
 
 
-def _byte_bpe(folder):
-    """A tiny GPT-2-style byte-level BPE tokenizer saved by transformers (256 bytes, 3 merges,
-    one special token)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                            eos_token="<|endoftext|>").save_pretrained(folder)
-    return len(vocab) + 1
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    """(folder, config, adapted params): a random HF Llama with a byte-level BPE tokenizer and
-    LoRA-XS on every projection."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("llama_bpe")
-    n = _byte_bpe(folder)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=n + 4, hidden_size=32, intermediate_size=48,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, rms_norm_eps=1e-5,
-                                 max_position_embeddings=64)).save_pretrained(folder)
-    config, base = decoder.load_decoder(folder)
-    cfg = lx.LoraXSConfig(rank=4, alpha=8.0, r_std=0.5, targets=decoder.PAPER_TARGETS)
-    return folder, config, lx.apply(base, cfg, jax.random.key(0))
-
-
 def _logits(config, params, ids):
     return np.asarray(decoder.DecoderForCausalLM(config).apply({"params": params}, ids))
 
