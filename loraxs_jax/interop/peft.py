@@ -111,9 +111,9 @@ def peft_lora(params: Mapping, config, cfg: LoraXSConfig | None = None, *,
             modules[module_of(tensor)] = m
     ranks = collections.Counter(m["rank"] for m in modules.values())
     r = ranks.most_common(1)[0][0]
-    first = next(iter(modules.values()))
-    alpha = float(first["scale"] * first["rank"])
-    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    first = next(iter(modules.values()))     # α: the config's, else what the first scale says
+    alpha = float(cfg.alpha) if cfg is not None else round(float(first["scale"] * first["rank"]), 5)
+    alpha = int(alpha) if alpha.is_integer() else alpha
 
     every = ancestors(n for p in flatten(params) if not leaf_role(p[-1])
                       for n in names_of(p)[0])

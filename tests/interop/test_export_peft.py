@@ -79,7 +79,8 @@ def test_mixed_ranks_and_a_changed_scale_survive(checkpoint, tmp_path):
     o["kernel_loraxs_scale"] = o["kernel_loraxs_scale"] * 3.0
     out = export_peft(params, config, tmp_path / "peft", cfg)
     c = json.loads((out / "adapter_config.json").read_text())
-    assert (c["r"], c["rank_pattern"]) == (4, {"down_proj": 6, "gate_proj": 6, "up_proj": 6})
+    assert (c["r"], c["lora_alpha"], c["rank_pattern"]) == (
+        4, 8, {"down_proj": 6, "gate_proj": 6, "up_proj": 6})
     diff = real_diff(_peft_logits(folder, out, "llama"), our_logits(config, lx.merge(params)),
                      "llama")
     assert diff <= 1e-4
