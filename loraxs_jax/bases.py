@@ -201,6 +201,11 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
     randomness of the randomized SVD and of the random inits comes from ``cfg.bases_seed`` and the
     kernel's path, so the config alone determines A and B for a given W.
     """
+    if cfg.init == "given":
+        raise ValueError("init='given': A and B came with the adapter (e.g. imported from the "
+                         "official LoRA-XS code) and cannot be recomputed from W; pass them as "
+                         "apply(..., bases=...) or load_adapter(..., bases_cache=<the folder the "
+                         "importer wrote>)")
     targets = find_targets(params, cfg) if targets is None else targets
     flat = flatten(params)
     base_key = jax.random.key(cfg.bases_seed)

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-INITS = ("svd", "svd_no_sigma", "svd_bottom", "random", "svd_random")
+INITS = ("svd", "svd_no_sigma", "svd_bottom", "random", "svd_random", "given")
 SVD_METHODS = ("exact", "randomized")
 
 
@@ -34,7 +34,10 @@ class LoraXSConfig:
         "svd_bottom"   the last r singular triplets instead of the first (App. G);
         "random"       Kaiming-uniform A (bound 1/√in) and B (bound 1/√r), PyTorch nn.Linear's
                        default, as in the official code's random-init ablation (Table 4);
-        "svd_random"   SVD ("svd" rule) of a Gaussian matrix of W's shape and std (Table 4).
+        "svd_random"   SVD ("svd" rule) of a Gaussian matrix of W's shape and std (Table 4);
+        "given"        A and B come with the adapter and cannot be recomputed from W (an
+                       imported official LoRA-XS checkpoint: its randomized SVD is not
+                       reproducible); pass them as ``apply(..., bases=)`` or a bases cache.
       r_std: R ~ N(0, r_std²); the paper uses 1e-5. 0 gives R = 0 (adapted model = base model).
       svd_method: "exact" (jnp.linalg.svd) or "randomized" (Halko et al. 2011, as the paper).
       oversample: extra columns of the randomized range finder.

@@ -219,7 +219,7 @@ def _plain(flat: Mapping[tuple, Any]) -> dict:
 
 def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of an adapter file: config (LoraXSConfig), version, fingerprint, adapted
-    kernels, tensor names, and its size in bytes."""
+    kernels, tensor names, its path and its size in bytes."""
     p = _adapter_path(path)
     if not p.exists():
         raise FileNotFoundError(f"no adapter file at {p}")
@@ -234,6 +234,7 @@ def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
         "adapted": {int(k): v for k, v in json.loads(metadata["adapted"]).items()},
         "geometry": json.loads(metadata.get("geometry", "{}")),
         "tensors": keys,
+        "path": p,
         "bytes": p.stat().st_size,
     }
 
@@ -324,28 +325,76 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
 
 
 # ----------------------------------------------------------------------------- bases cache
+def _bases_file(cache_dir: str | os.PathLike, cfg: LoraXSConfig, fp: str,
+                targets: list[Target]) -> Path:
+    """The cache file of ``cfg``'s bases on the base of fingerprint ``fp``: keyed by what
+    determines A and B (the config's bases fields and any geometry read from the model)."""
+    geometry = sorted((t.name, t.geometry.roles) for t in targets if not t.geometry.standard)
+    key = hashlib.sha256((fp + json.dumps(cfg.bases_dict(), sort_keys=True)
+                          + json.dumps(geometry)).encode())
+    return Path(cache_dir) / f"bases-{key.hexdigest()[:24]}.safetensors"
+
+
+def bases_digest(bases: Mapping[str, tuple[Any, Any]]) -> int:
+    """A 31-bit digest of given bases {kernel path: (A, B)} (their paths, shapes and float32
+    values). An imported adapter (``init="given"``) keeps it as ``bases_seed``, so two imports on
+    one base never share a cache file and a cache whose bases differ is refused."""
+    h = hashlib.sha256()
+    for name in sorted(bases):
+        for x in bases[name]:
+            x = np.asarray(to_host(x), np.float32)
+            h.update(f"{name}:{x.shape}".encode())
+            h.update(x.tobytes())
+    return int.from_bytes(h.digest()[:4], "big") & 0x7FFFFFFF
+
+
+def store_bases(cache_dir: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfig,
+                bases: Mapping[str, tuple[Any, Any]], fp: str | None = None,
+                targets: list[Target] | None = None) -> Path:
+    """Write {kernel path: (A, B)} into ``cache_dir`` where ``cached_bases`` (and
+    ``load_adapter(..., bases_cache=)``) look for ``cfg``'s bases on this base: how the bases of
+    an imported adapter (``init="given"``), which cannot be recomputed, travel with it."""
+    targets = find_targets(base_params, cfg) if targets is None else targets
+    missing = sorted({t.name for t in targets} - set(bases))
+    if missing:
+        raise ValueError(f"bases for {missing[:4]} are missing ({len(missing)} kernels)")
+    fp = fp or fingerprint(base_params, cfg, targets)
+    tensors = {}
+    for t in targets:
+        a, b = bases[t.name]
+        tensors[adapter_key(t.name, "A")] = to_host(a)
+        tensors[adapter_key(t.name, "B")] = to_host(b)
+    return save_tensors(_bases_file(cache_dir, cfg, fp, targets), tensors,
+                        {"format": "loraxs-jax/bases-v1", "base_fingerprint": fp,
+                         "bases_config": json.dumps(cfg.bases_dict())})
+
+
 def cached_bases(base_params: Mapping, cfg: LoraXSConfig, cache_dir: str | os.PathLike,
                  fp: str | None = None, targets: list[Target] | None = None
                  ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{kernel path: (A, B)} for ``cfg`` on this base, computed once and kept in ``cache_dir``
     (one safetensors file per base fingerprint and bases-relevant config), so a hundred adapters
-    on one base pay for the SVDs once. Pass the result to ``apply(..., bases=...)``."""
+    on one base pay for the SVDs once. Pass the result to ``apply(..., bases=...)``. Bases of
+    ``init="given"`` cannot be computed: they must be there (``store_bases``), and their digest
+    must be the config's ``bases_seed``."""
     targets = find_targets(base_params, cfg) if targets is None else targets
     fp = fp or fingerprint(base_params, cfg, targets)
-    geometry = sorted((t.name, t.geometry.roles) for t in targets if not t.geometry.standard)
-    key = hashlib.sha256((fp + json.dumps(cfg.bases_dict(), sort_keys=True)
-                          + json.dumps(geometry)).encode())
-    file = Path(cache_dir) / f"bases-{key.hexdigest()[:24]}.safetensors"
+    file = _bases_file(cache_dir, cfg, fp, targets)
     if file.exists():
         with safe_open(file, framework="numpy") as f:
-            return {t.name: (jnp.asarray(f.get_tensor(adapter_key(t.name, "A"))),
-                             jnp.asarray(f.get_tensor(adapter_key(t.name, "B"))))
-                    for t in targets}
+            bases = {t.name: (jnp.asarray(f.get_tensor(adapter_key(t.name, "A"))),
+                              jnp.asarray(f.get_tensor(adapter_key(t.name, "B"))))
+                     for t in targets}
+        if cfg.init == "given" and bases_digest(bases) != cfg.bases_seed:
+            raise ValueError(f"{file} holds other bases than the adapter's (digest "
+                             f"{bases_digest(bases)} vs bases_seed {cfg.bases_seed}); import the "
+                             "adapter again to rewrite them")
+        return bases
+    if cfg.init == "given":
+        raise FileNotFoundError(
+            f"no bases in {cache_dir} for this adapter (init='given': its A and B came from an "
+            f"imported checkpoint and cannot be recomputed; expected {file.name}, written by "
+            "loraxs_jax.interop.import_official with save_to=...)")
     bases = compute_bases(base_params, cfg, targets)
-    tensors = {}
-    for name, (a, b) in bases.items():
-        tensors[adapter_key(name, "A")] = to_host(a)
-        tensors[adapter_key(name, "B")] = to_host(b)
-    save_tensors(file, tensors, {"format": "loraxs-jax/bases-v1", "base_fingerprint": fp,
-                                 "bases_config": json.dumps(cfg.bases_dict())})
+    store_bases(cache_dir, base_params, cfg, bases, fp, targets)
     return bases

@@ -101,6 +101,34 @@ def test_bases_cache_computes_once(tmp_path, monkeypatch):
                           ap["layer_1"]["v"]["kernel_loraxs_A"])
 
 
+def test_given_bases_travel_in_the_cache_and_are_never_recomputed(tmp_path):
+    """init="given" (an imported checkpoint's A, B): loading needs the stored bases, refuses
+    without them, and refuses a cache file holding other bases."""
+    p = _base(6, layers=2)
+    rng = np.random.default_rng(0)
+    bases = {f"layer_{i}/{k}/kernel": (jnp.asarray(rng.normal(size=(64, 8)), jnp.float32),
+                                       jnp.asarray(rng.normal(size=(8, 48)), jnp.float32))
+             for i in range(2) for k in ("q", "v")}
+    cfg = lx.LoraXSConfig(rank=8, targets=CFG.targets, init="given",
+                          bases_seed=lx.io.bases_digest(bases))
+    with pytest.raises(ValueError, match="init='given'.*cannot be recomputed"):
+        lx.apply(p, cfg)
+    ap = lx.apply(p, cfg, 1, bases=bases)
+    path = lx.save_adapter(tmp_path / "a", ap, cfg)
+    with pytest.raises(ValueError, match="cannot be recomputed"):
+        lx.load_adapter(path, p)
+    with pytest.raises(FileNotFoundError, match="no bases in"):
+        lx.load_adapter(path, p, bases_cache=tmp_path / "empty")
+    lx.io.store_bases(tmp_path / "cache", p, cfg, bases)
+    back = lx.load_adapter(path, p, bases_cache=tmp_path / "cache")
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(ap)):
+        assert np.array_equal(a, b)
+    other = {k: (a + 1.0, b) for k, (a, b) in bases.items()}
+    lx.io.store_bases(tmp_path / "cache", p, cfg, other)   # same file name, other bases
+    with pytest.raises(ValueError, match="holds other bases"):
+        lx.load_adapter(path, p, bases_cache=tmp_path / "cache")
+
+
 def test_writes_are_atomic(tmp_path, monkeypatch):
     p = _base(5)
     ap = _trained(p)

@@ -512,11 +512,34 @@ _BUFFERS = ("position_ids", "token_type_ids")  # non-persistent buffers some che
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
-def _torch_name(path: tuple[str, ...], prefix: str) -> str:
+def torch_name(path: tuple[str, ...], prefix: str) -> str:
     """encoder/layer/0/attention/self/query/kernel -> {prefix}encoder.layer.0.attention.self
-    .query.weight (the classifier sits outside the base model's prefix, as in HF)."""
+    .query.weight (the classifier sits outside the base model's prefix, as in HF). ``prefix`` is
+    "bert." / "roberta." for the transformers task models, "" for bare sentence-transformers
+    folders."""
     name = ".".join(path[:-1] + (_LEAF[path[-1]],))
     return name if path[0] == "classifier" else prefix + name
+
+
+def checkpoint_prefix(model_type: str, keys) -> str:
+    """The prefix of a checkpoint's base-model tensors: "bert." / "roberta." for transformers'
+    task and base models, "" for sentence-transformers / bare base-model folders."""
+    prefix = f"{model_type}."
+    return prefix if any(k.startswith(prefix) for k in keys) else ""
+
+
+def hf_names(path: tuple[str, ...], config: EncoderConfig,
+             prefix: str | None = None) -> tuple[list[str], bool]:
+    """The Hugging Face tensor names of one of our params and whether it is transposed there
+    (kernels (in, out) are torch Linear weights (out, in)); one name per layer for a scanned
+    layer param (stacked on axis 0). ``prefix`` defaults to the task model's ("bert."); names
+    are those of ``{Bert,Roberta}ForSequenceClassification``."""
+    prefix = f"{config.model_type}." if prefix is None else prefix
+    transpose = path[-1] == "kernel"
+    if config.scan_layers and path[:2] == ("encoder", "layer"):
+        return [torch_name(path[:2] + (str(i),) + path[2:], prefix)
+                for i in range(config.num_layers)], transpose
+    return [torch_name(path, prefix)], transpose
 
 
 def _listing(kind: str, items: list[str], limit: int = 20) -> str:
@@ -567,9 +590,7 @@ def load_encoder(
     config = EncoderConfig.from_hf(ckpt.config(), num_labels=num_labels, head=head,
                                    dtype=dtype, **options)
     keys = set(ckpt.keys())
-    prefix = f"{config.model_type}."
-    if not any(k.startswith(prefix) for k in keys):
-        prefix = ""  # sentence-transformers / bare base-model folder
+    prefix = checkpoint_prefix(config.model_type, keys)
 
     # Plan on the unscanned layout (one tensor per path); stack afterwards if scanning.
     flat_config = dataclasses.replace(config, scan_layers=False)
@@ -578,7 +599,7 @@ def load_encoder(
     sources, fresh, missing, mismatched = {}, [], [], []
     absent_head = False  # a head part the checkpoint lacks although nobody asked for a fresh one
     for path, want in expected.items():
-        name = _torch_name(path, prefix)
+        name = torch_name(path, prefix)
         if (fresh_head and path[0] == "classifier") or (name not in keys and path[0] in _HEAD):
             absent_head |= not (fresh_head and path[0] == "classifier")
             fresh.append(path)
