@@ -227,8 +227,8 @@ class Run:
         if metric > self.best["metric"]:
             self.best.update(metric=float(metric), step=int(opt_step))
             self.method.save(self.workdir / "adapter_best", self.state["trainable"], self.frozen)
-        echo(f"step {opt_step}/{self.total}: "
-             + " ".join(f"{k}={v:.4f}" for k, v in scores.items())
+        echo(f"step {opt_step}/{self.total}: "       # ("primary" repeats the main metric)
+             + " ".join(f"{k}={v:.4f}" for k, v in scores.items() if k != "primary")
              + f" (best {self.task.main_metric} {self.best['metric']:.4f} at step "
              f"{self.best['step']})")
         return scores
