@@ -248,8 +248,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path,
     if parallel.is_main_process():     # multi-process: all compute, process 0 writes files
         for stale in parallel.remove_stale_temps(workdir):
             log.info("removed %s, left by a write that was killed", stale)
-        parallel.atomic_write(workdir / "config.json",
-                              config.to_json_best_effort(indent=2).encode())
     t0 = time.time()
     model = modeling.build_model(config, tasks.num_labels_for(config))
     task = tasks.build_task(config, model)
@@ -275,9 +273,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path,
     mngr = CheckpointManager(workdir / "checkpoints", keep=config.keep_checkpoints)
     restored = None
     if mngr.latest_step() is not None:
-        state, restored = mngr.restore(target=state)
+        try:
+            state, restored = mngr.restore(target=state)
+        except ValueError as e:        # a workdir whose config.json was removed or replaced
+            mngr.close()
+            raise ConfigError(
+                f"checkpoint {mngr.latest_step()} in {mngr.directory} does not fit this config "
+                f"({str(e).split('. ')[0][:300]}), and the workdir has no config.json to say "
+                "which config wrote it: start a new --workdir, or rerun with that config."
+                ) from None
         stream.load_state_dict(restored["data"])
     resume_step = restored["opt_step"] if restored else 0
+    if parallel.is_main_process():     # the workdir's config, once its checkpoint fits
+        parallel.atomic_write(workdir / "config.json",
+                              config.to_json_best_effort(indent=2).encode())
     run = Run(
         config=config, workdir=workdir, model=model, task=task, method=method, stream=stream,
         total=total, accum=accum, eval_every=eval_every,

@@ -283,6 +283,22 @@ def reference(tiny_config, tiny_bert, tmp_path_factory):
     return workdir, summary
 
 
+def test_a_checkpoint_of_another_config_without_config_json_is_refused(reference, tiny_config,
+                                                                       tiny_bert, tmp_path):
+    """Row 5 without the workdir's config.json: orbax's shape error came after 427 lines of
+    'Event loop is closed'; now one error names the checkpoint and both shapes."""
+    import shutil
+
+    shutil.copytree(reference[0] / "checkpoints", tmp_path / "run" / "checkpoints")
+    with pytest.raises(ConfigError, match=r"checkpoint 6 in .*run/checkpoints does not fit this "
+                                          r"config \(Requested shape: \(8, 8\) is not compatible "
+                                          r"with the stored shape: \(4, 4\)\), and the workdir has "
+                                          r"no config.json"):
+        train.train_and_evaluate(run_config(tiny_config, tiny_bert, **{"loraxs.rank": 8}),
+                                 tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def _kill_at(step):
     def hook(opt_step, _):
         if opt_step == step:
