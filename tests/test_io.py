@@ -269,15 +269,19 @@ def test_consistent_safetensors_that_are_not_consistent_adapters_are_refused(
         lx.load_adapter(bad, base)
 
 
-def test_a_file_without_its_digest_is_refused(small_adapter, tmp_path):
-    _, path, _ = small_adapter
-    tensors, meta = lx.io.read_tensors(path)
-    del meta["sha256"]
+def test_a_file_without_its_digest_is_refused_unless_it_predates_digests(small_adapter, tmp_path):
     import safetensors.numpy
 
+    base, path, _ = small_adapter
+    tensors, meta = lx.io.read_tensors(path)
+    del meta["sha256"]
     p = _write(tmp_path, safetensors.numpy.save(dict(tensors), metadata=meta))
     with pytest.raises(lx.io.AdapterFileError, match="has no sha256 digest"):
         lx.io.adapter_info(p)
+    v1 = _write(tmp_path, safetensors.numpy.save(
+        dict(tensors), metadata={**meta, "format": "loraxs-jax/adapter-v1"}), "v1.safetensors")
+    loaded = lx.load_adapter(v1, base)              # written before digests: still read
+    assert np.array_equal(loaded["l1"]["q"]["kernel_loraxs_R"], tensors["loraxs_R/r2"][1])
 
 
 def test_save_adapter_refuses_a_config_that_does_not_describe_the_params(tmp_path):

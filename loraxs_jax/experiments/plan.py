@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     importable_configs(argv)
     fl(argv)
     if fl.config is not None:
-        validate(fl.config)
+        validate(fl.config, partial=True)      # plan reads only some fields
         return plan_from_config(fl.config, fl.devices, fl.compile)
     model = _model_from({"model": fl.model})
     targets = decoder.PAPER_TARGETS if isinstance(model, decoder.DecoderConfig) else (

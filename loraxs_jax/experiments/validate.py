@@ -32,6 +32,15 @@ from typing import Any
 import ml_collections
 
 from loraxs_jax.config import LoraXSConfig
+from loraxs_jax.experiments.assets import ASSETS
+from loraxs_jax.experiments.data.commonsense import COMMONSENSE_TASKS
+from loraxs_jax.experiments.data.glue import GLUE_TASKS
+from loraxs_jax.experiments.lm_tasks import MATH_EVAL_SETS
+from loraxs_jax.experiments.methods import METHODS, lora_config_from
+from loraxs_jax.experiments.modeling import FAMILIES
+from loraxs_jax.experiments.tasks import TASKS
+from loraxs_jax.models.decoder import REMAT_POLICIES
+from loraxs_jax.models.encoder import HEADS
 
 # A check returns None when the value is fine, else what is allowed ("an int >= 1").
 Check = Callable[[Any], "str | None"]
@@ -99,8 +108,6 @@ def dropout(v: Any) -> str | None:
 
 
 def model_path(v: Any) -> str | None:
-    from loraxs_jax.experiments.assets import ASSETS
-
     if not isinstance(v, str) or not v:
         return "an HF folder, a hub id, a .gguf file or asset:NAME (it is empty)"
     if v.startswith("asset:"):
@@ -145,16 +152,7 @@ def _resume_names(v: str) -> list[str]:
     return [x.strip() for x in v.split(",") if x.strip()]
 
 
-def _fields() -> dict[str, Check]:
-    from loraxs_jax.experiments.data.commonsense import COMMONSENSE_TASKS
-    from loraxs_jax.experiments.data.glue import GLUE_TASKS
-    from loraxs_jax.experiments.lm_tasks import MATH_EVAL_SETS
-    from loraxs_jax.experiments.methods import METHODS
-    from loraxs_jax.experiments.modeling import FAMILIES
-    from loraxs_jax.experiments.tasks import TASKS
-    from loraxs_jax.models.decoder import REMAT_POLICIES
-    from loraxs_jax.models.encoder import HEADS
-
+def _fields() -> dict[str, Check | None]:
     fields = {
         "method": choice(METHODS), "seed": integer(0), "resume": resume_list,
         "model.kind": choice(FAMILIES), "model.path": model_path, "model.head": choice(HEADS),
@@ -217,23 +215,24 @@ def flat_fields(config: Mapping | ml_collections.ConfigDict) -> dict[str, Any]:
     return out
 
 
-def validate(config: ml_collections.ConfigDict) -> LoraXSConfig:
+def validate(config: ml_collections.ConfigDict, *, partial: bool = False
+             ) -> LoraXSConfig | None:
     """Refuse a config that cannot run, naming the field; return its ``LoraXSConfig``.
+
+    ``partial``: the config holds only the fields a program reads (``loraxs-plan`` reads a
+    handful); those are checked, and the checks across fields whose fields are all there.
 
     Raises:
       ConfigError: an unknown key, a missing field, a value of the wrong type, out of range,
         not finite or not one of the choices, or fields that disagree with each other.
     """
-    from loraxs_jax.experiments.methods import lora_config
-    from loraxs_jax.experiments.tasks import TASKS
-
     flat = flat_fields(config)
     for name in flat:
         if name not in FIELDS:
             raise ConfigError(f"config.{name}: unknown field: {_unknown(name)} (every field is "
                               "documented in loraxs_jax/experiments/defaults.py)")
     missing = [n for n, check in FIELDS.items() if check is not None and n not in flat]
-    if missing:
+    if missing and not partial:
         raise ConfigError(f"config lacks the fields {missing}: start it from "
                           "experiments.defaults.base()")
     for name, value in flat.items():
@@ -241,21 +240,27 @@ def validate(config: ml_collections.ConfigDict) -> LoraXSConfig:
         allowed = check(value) if check is not None else None
         if allowed:
             raise ConfigError(f"config.{name}={value!r}: expected {allowed}")
-    try:
-        lora_cfg = lora_config(config)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.loraxs: {e}") from None
-    if flat["batch_size"] % flat["optim.grad_accum"]:
+    lora_cfg = None
+    if "loraxs" in config or not partial:
+        try:
+            lora_cfg = lora_config_from(config.loraxs, flat.get("model.scan_layers", False))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config.loraxs: {e}") from None
+
+    def given(*names):
+        return all(n in flat for n in names)
+
+    if given("batch_size", "optim.grad_accum") and flat["batch_size"] % flat["optim.grad_accum"]:
         raise ConfigError(f"config.batch_size={flat['batch_size']} is not divisible by "
                           f"config.optim.grad_accum={flat['optim.grad_accum']}")
-    kind = TASKS[flat["task.name"]].model_kind
-    if flat["model.kind"] != kind:
-        raise ConfigError(f"config.task.name={flat['task.name']!r} needs "
-                          f"config.model.kind={kind!r}, got {flat['model.kind']!r}")
-    if kind == "encoder" and flat["model.remat"] == "dots_saveable":
+    if given("task.name", "model.kind") and (
+            flat["model.kind"] != TASKS[flat["task.name"]].model_kind):
+        raise ConfigError(f"config.task.name={flat['task.name']!r} needs config.model.kind="
+                          f"{TASKS[flat['task.name']].model_kind!r}, got {flat['model.kind']!r}")
+    if flat.get("model.kind") == "encoder" and flat.get("model.remat") == "dots_saveable":
         raise ConfigError("config.model.remat='dots_saveable': the encoder rematerialises "
                           "whole layers; expected none or full")
-    fills = [a for a in ("data", "fsdp", "tensor") if flat[f"mesh.{a}"] == -1]
+    fills = [a for a in ("data", "fsdp", "tensor") if flat.get(f"mesh.{a}") == -1]
     if len(fills) > 1:
         raise ConfigError(f"config.mesh: only one axis may be -1 (fill), got {fills}")
     return lora_cfg

@@ -144,6 +144,17 @@ def test_a_missing_field_is_refused(good):
         validate.validate(ml_collections.ConfigDict(d))
 
 
+def test_a_partial_config_checks_the_fields_it_has():
+    """loraxs-plan reads a handful of fields: those are checked, none is required."""
+    part = {"model": {"kind": "decoder", "remat": "full"}, "batch_size": 16}
+    assert validate.validate(ml_collections.ConfigDict(part), partial=True) is None
+    for extra, expects in [({"optim": {"grad_accum": 3}}, r"not divisible by .*grad_accum=3"),
+                           ({"mesh": {"fsdp": 0}}, r"config.mesh.fsdp=0: expected an int >= 1"),
+                           ({"loraxs": {"targets": ["q"], "rank": 0}}, r"LoraXSConfig.rank=0")]:
+        with pytest.raises(ConfigError, match=expects):
+            validate.validate(ml_collections.ConfigDict({**part, **extra}), partial=True)
+
+
 def test_every_shipped_config_is_valid(load_config, repo):
     for path in sorted((repo / "configs").glob("*.py")):
         if path.name != "__init__.py":
