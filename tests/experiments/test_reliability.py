@@ -14,7 +14,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -32,18 +31,6 @@ def run_config(tiny_config, tiny_bert, **over):
     """6 steps of 16; log every 3, evaluate every 3, checkpoint every 2 (so a checkpoint falls
     inside a logging window)."""
     return tiny_config(tiny_bert, **{"task.max_length": 16, "log_every_steps": 3, **over})
-
-
-def any_value(config, **fields):
-    """``config`` with dotted ``fields`` set to values of any type (what a config file can do)."""
-    d = config.to_dict()
-    for field, value in fields.items():
-        node = d
-        *sections, leaf = field.split(".")
-        for s in sections:
-            node = node[s]
-        node[leaf] = value
-    return ml_collections.ConfigDict(d)
 
 
 # ----------------------------------------------------------------------------- shared inputs
@@ -84,14 +71,14 @@ def _save_with_nan(ctx):
 
 
 def _train(ctx, **fields):
-    train.train_and_evaluate(any_value(ctx["config"], **fields), ctx["workdir"])
+    train.train_and_evaluate(ctx["with_values"](ctx["config"], **fields), ctx["workdir"])
 
 
 def _in_workdir(ctx, old, new):
     """A workdir whose config.json holds ``old`` changes; run ``new`` changes in it."""
     (ctx["workdir"]).mkdir()
     (ctx["workdir"] / "config.json").write_text(
-        any_value(ctx["config"], **old).to_json_best_effort(indent=2))
+        ctx["with_values"](ctx["config"], **old).to_json_best_effort(indent=2))
     ctx["keep"] = (ctx["workdir"] / "config.json").read_bytes()
     _train(ctx, **new)
 
@@ -189,9 +176,11 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("layer,name,call,error,culprit", BAD_INPUTS,
                          ids=[f"{b[0]}: {b[1]}" for b in BAD_INPUTS])
-def test_bad_inputs_are_refused_naming_the_culprit(files, tiny_config, tiny_bert, tmp_path,
-                                                   monkeypatch, layer, name, call, error, culprit):
-    ctx = {**files, "config": run_config(tiny_config, tiny_bert), "workdir": tmp_path / "run"}
+def test_bad_inputs_are_refused_naming_the_culprit(files, tiny_config, tiny_bert, with_values,
+                                                   tmp_path, monkeypatch, layer, name, call, error,
+                                                   culprit):
+    ctx = {**files, "config": run_config(tiny_config, tiny_bert), "workdir": tmp_path / "run",
+           "with_values": with_values}
     t0 = time.perf_counter()
     with pytest.raises(error, match=culprit):
         call(ctx, monkeypatch)
@@ -361,7 +350,7 @@ def nan_from(update: int) -> optax.GradientTransformation:
 
 
 def test_nan_at_a_save_step_keeps_the_last_finite_checkpoint_and_adapter(
-        tiny_config, tiny_bert, tmp_path, monkeypatch, capsys):
+        tiny_config, tiny_bert, with_values, tmp_path, monkeypatch, capsys):
     """Row 1 of the reliability issue: NaN was checked only at log steps, both kept checkpoints
     and adapter_best were 100% NaN, and the message called one "the last good checkpoint".
     Here step 4 (a checkpoint step, not an evaluation or log step) turns R to NaN: the run
@@ -388,11 +377,11 @@ def test_nan_at_a_save_step_keeps_the_last_finite_checkpoint_and_adapter(
                if isinstance(v, float))
 
     diverge_at["update"] = 10**6          # same optimizer state, no more NaN
-    lower = any_value(config, **{"optim.lr": 1e-3})
+    lower = with_values(config, **{"optim.lr": 1e-3})
     with pytest.raises(ConfigError, match=r"optim.lr: 0.005 -> 0.001\. .*resume=optim.lr"):
         train.train_and_evaluate(lower, wd)
     capsys.readouterr()
-    summary = train.train_and_evaluate(any_value(lower, resume="optim.lr"), wd)
+    summary = train.train_and_evaluate(with_values(lower, resume="optim.lr"), wd)
     assert ("resumed from step 2 of 6 (data epoch 0, batch 2) with changes named in "
             "config.resume: optim.lr: 0.005 -> 0.001") in capsys.readouterr().out
     assert summary["steps"] == 6
