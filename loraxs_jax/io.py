@@ -170,8 +170,10 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
         views = safetensors.deserialize(blob)
     except Exception as e:
         raise bad(f"safetensors refused it: {e}") from None
+    # sorted: deserialize's order varies from process to process (a Rust HashMap), and every
+    # process of a multi-host job must place the tensors in one order (device_put is collective)
     tensors = {name: np.frombuffer(v["data"], _NUMPY[v["dtype"]]).reshape(v["shape"])
-               for name, v in views}
+               for name, v in sorted(views, key=lambda x: x[0])}
     return tensors, meta
 
 

@@ -163,6 +163,19 @@ def _write(tmp_path, data, name="x.safetensors"):
     return p
 
 
+def test_tensors_come_back_in_one_order_in_every_process(tmp_path):
+    """safetensors.deserialize lists a file's tensors in an order that changes from process to
+    process (a Rust HashMap); load_adapter's device_puts are collective on a multi-host mesh, so
+    two processes placing the head's kernel and bias in different orders crashed gloo
+    (test_multihost.py). read_tensors sorts them: 8 names come back sorted (by chance: 1/40320)."""
+    names = [f"t{i}" for i in (5, 2, 7, 0, 3, 6, 1, 4)]
+    path = lx.io.save_tensors(tmp_path / "x.safetensors",
+                              {n: np.full(2, i, np.float32) for i, n in enumerate(names)}, {})
+    tensors, _ = lx.io.read_tensors(path)
+    assert list(tensors) == sorted(names)
+    assert [float(tensors[n][0]) for n in names] == list(range(8))
+
+
 def test_truncation_at_every_offset_is_refused_naming_the_file(small_adapter, tmp_path):
     _, _, data = small_adapter
     for cut in range(len(data)):
