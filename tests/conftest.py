@@ -129,6 +129,68 @@ def tiny_config_fixture():
     return tiny_config
 
 
+# ----------------------------------------------------------------------------- meshes
+def mesh_of(shape):
+    """A (data, fsdp, tensor) mesh of that shape over the eight virtual devices."""
+    from loraxs_jax import parallel
+
+    return parallel.make_mesh(dict(zip(parallel.MESH_AXES, shape)))
+
+
+def place(params, base_shardings):
+    """Adapted params placed by their base's shardings (R, A and B follow W's):
+    (placed params, their shardings)."""
+    from loraxs_jax import parallel
+
+    shardings = parallel.adapted_shardings(params, base_shardings)
+    return parallel.shard_params(params, shardings), shardings
+
+
+@pytest.fixture(name="mesh_of", scope="session")
+def mesh_of_fixture():
+    """``mesh_of((data, fsdp, tensor))`` (see :func:`mesh_of`)."""
+    return mesh_of
+
+
+@pytest.fixture(name="place", scope="session")
+def place_fixture():
+    """``place(adapted, base_shardings) -> (params, shardings)`` (see :func:`place`)."""
+    return place
+
+
+class TinyDecoder:
+    """A 2-layer scanned decoder, kernels scaled x8 so that greedy continuations differ, adapted
+    on the paper's seven projections (rank 4, R ~ N(0, 0.3^2)); ``prompts(rows)`` gives
+    left-padded prompts of 8 tokens."""
+
+    def __init__(self):
+        import loraxs_jax as lx
+        from loraxs_jax.models import decoder as dec
+
+        self.config = dec.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                        num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
+                                        scan_layers=True)
+        self.lora = lx.LoraXSConfig(rank=4, alpha=8.0, r_std=0.3, stacked_axes=1,
+                                    targets=(r"(q|k|v|o|gate|up|down)_proj/kernel$",))
+        self.apply = lx.wrap(dec.DecoderForCausalLM(self.config).apply)  # one object: caches hit
+        base = jax.tree.map(lambda x: 8 * x if x.ndim >= 2 else x,
+                            dec.init_params(self.config, jax.random.key(2)))
+        self.params = lx.apply(base, self.lora, jax.random.key(3))
+
+    def prompts(self, rows):
+        rng = np.random.default_rng(1)
+        starts = rng.integers(0, 5, rows)
+        mask = (np.arange(8)[None] >= starts[:, None]).astype(np.int32)
+        ids = np.where(mask == 1, rng.integers(3, self.config.vocab_size, (rows, 8)), 0)
+        return ids.astype(np.int32), mask
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder():
+    """The adapted :class:`TinyDecoder` (mesh generation and merge tests)."""
+    return TinyDecoder()
+
+
 # ----------------------------------------------------------------------------- sharded training
 class ShardedTraining:
     """A tiny scanned decoder trained with LoRA-XS on every projection, on one device
@@ -149,11 +211,7 @@ class ShardedTraining:
         self.loss_rtol, self.r_atol = 1e-5, 1e-6
         self._steps, self._references = {}, {}
 
-    @staticmethod
-    def mesh_of(shape):
-        from loraxs_jax import parallel
-
-        return parallel.make_mesh(dict(zip(parallel.MESH_AXES, shape)))
+    mesh_of = staticmethod(mesh_of)
 
     @staticmethod
     def make_tx():

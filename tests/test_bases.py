@@ -105,43 +105,17 @@ def test_bad_input_names_the_culprit(small_params, bad, match):
         lx.apply(small_params(), lx.LoraXSConfig(**kw), 0)
 
 
-MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
-
-
-DEC = dec.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                        num_heads=4, num_kv_heads=4, head_dim=8, scan_layers=True)
-
-
-DEC_LORA = lx.LoraXSConfig(rank=4, alpha=8.0, r_std=0.3, stacked_axes=1,
-                           targets=(r"(q|k|v|o|gate|up|down)_proj/kernel$",))
-
-
-def mesh_of(shape):
-    return sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
-
-
-def place(params, base_shardings):
-    shardings = sh.adapted_shardings(params, base_shardings)
-    return sh.shard_params(params, shardings), shardings
-
-
-@pytest.fixture(scope="module")
-def decoder_params():
-    base = jax.tree.map(lambda x: 8 * x if x.ndim >= 2 else x,
-                        dec.init_params(DEC, jax.random.key(2)))
-    return lx.apply(base, DEC_LORA, jax.random.key(3))
-
-
 @pytest.mark.parametrize("init, method, atol", [("svd", "exact", 1e-6),
                                                 ("svd_no_sigma", "randomized", 1e-4),
                                                 ("svd_random", "exact", 1e-4)])
-def test_bases_of_sharded_kernels_are_computed_split_over_the_mesh(init, method, atol):
+def test_bases_of_sharded_kernels_are_computed_split_over_the_mesh(init, method, atol,
+                                                                  tiny_decoder, mesh_of):
     """On a mesh, every device decomposes whole matrices of its own (the SVD batch is split
     over all 8 devices, padded when it does not divide); A and B equal the one-device bases."""
     from loraxs_jax import bases
 
-    cfg = dataclasses.replace(DEC, scan_layers=False, num_layers=3)
-    lora = lx.LoraXSConfig(rank=4, targets=DEC_LORA.targets, init=init, svd_method=method)
+    cfg = dataclasses.replace(tiny_decoder.config, scan_layers=False, num_layers=3)
+    lora = lx.LoraXSConfig(rank=4, targets=tiny_decoder.lora.targets, init=init, svd_method=method)
     base = dec.init_params(cfg, jax.random.key(6))
     want = bases.compute_bases(base, lora)
     mesh = mesh_of((2, 2, 2))
@@ -159,7 +133,7 @@ def test_bases_of_sharded_kernels_are_computed_split_over_the_mesh(init, method,
         np.testing.assert_allclose(np.asarray(got[name][1]), np.asarray(b), atol=atol, err_msg=name)
 
 
-def test_matrix_batch_reshard_moves_one_axis_at_a_time():
+def test_matrix_batch_reshard_moves_one_axis_at_a_time(mesh_of):
     from jax.sharding import NamedSharding
 
     from loraxs_jax import bases

@@ -90,50 +90,16 @@ def test_merge_errors():
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
 
 
-DEC = dec.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                        num_heads=4, num_kv_heads=4, head_dim=8, scan_layers=True)
-
-
-DEC_LORA = lx.LoraXSConfig(rank=4, alpha=8.0, r_std=0.3, stacked_axes=1,
-                           targets=(r"(q|k|v|o|gate|up|down)_proj/kernel$",))
-
-
-DEC_APPLY = lx.wrap(dec.DecoderForCausalLM(DEC).apply)
-
-
-def mesh_of(shape):
-    return sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
-
-
-def place(params, base_shardings):
-    shardings = sh.adapted_shardings(params, base_shardings)
-    return sh.shard_params(params, shardings), shardings
-
-
-@pytest.fixture(scope="module")
-def decoder_params():
-    base = jax.tree.map(lambda x: 8 * x if x.ndim >= 2 else x,
-                        dec.init_params(DEC, jax.random.key(2)))
-    return lx.apply(base, DEC_LORA, jax.random.key(3))
-
-
-def prompts(rows):
-    rng = np.random.default_rng(1)
-    starts = rng.integers(0, 5, rows)
-    mask = (np.arange(8)[None] >= starts[:, None]).astype(np.int32)
-    ids = np.where(mask == 1, rng.integers(3, DEC.vocab_size, (rows, 8)), 0).astype(np.int32)
-    return ids, mask
-
-
-def test_merge_into_another_mesh_layout(decoder_params):
+def test_merge_into_another_mesh_layout(tiny_decoder, mesh_of, place):
     """Adapted params sharded on (2,2,2); the merge writes the kernels straight into the
     (1,8,1) layout of a serving mesh over the same devices."""
+    d = tiny_decoder
     train_mesh, serve_mesh = mesh_of((2, 2, 2)), mesh_of((1, 8, 1))
-    shapes, axes = dec.param_shapes(DEC), dec.param_logical_axes(DEC)
-    params, _ = place(decoder_params, sh.param_shardings(shapes, axes, train_mesh))
+    shapes, axes = dec.param_shapes(d.config), dec.param_logical_axes(d.config)
+    params, _ = place(d.params, sh.param_shardings(shapes, axes, train_mesh))
     serve_sh = sh.param_shardings(shapes, axes, serve_mesh)
     merged = lx.merge(params, out_shardings=serve_sh)
-    plain = flatten(lx.merge(jax.device_get(decoder_params)))
+    plain = flatten(lx.merge(jax.device_get(d.params)))
     want_sh = flatten(serve_sh)
     q = ("model", "layers", "self_attn", "q_proj", "kernel")
     assert want_sh[q].spec == P(None, "fsdp", "tensor")     # tensor has size 1 here
@@ -144,29 +110,29 @@ def test_merge_into_another_mesh_layout(decoder_params):
         np.testing.assert_allclose(np.asarray(leaf), np.asarray(plain[path]), rtol=1e-6,
                                    atol=1e-6, err_msg=path_str(path))
     # the merged tree runs as a plain model and agrees with the adapted one
-    ids, mask = prompts(8)
-    adapted_out = generate(DEC_APPLY, decoder_params, DEC, ids, mask, 4)
-    merged_out = generate(dec.DecoderForCausalLM(DEC).apply, jax.device_get(merged), DEC, ids,
+    ids, mask = d.prompts(8)
+    adapted_out = generate(d.apply, d.params, d.config, ids, mask, 4)
+    merged_out = generate(dec.DecoderForCausalLM(d.config).apply, jax.device_get(merged), d.config, ids,
                           mask, 4)
     np.testing.assert_array_equal(np.asarray(merged_out), np.asarray(adapted_out))
 
 
-def test_merge_out_shardings_errors(decoder_params):
+def test_merge_out_shardings_errors(tiny_decoder, mesh_of, place):
     mesh = mesh_of((2, 2, 2))
-    shapes, axes = dec.param_shapes(DEC), dec.param_logical_axes(DEC)
+    shapes, axes = dec.param_shapes(tiny_decoder.config), dec.param_logical_axes(tiny_decoder.config)
     base_sh = sh.param_shardings(shapes, axes, mesh)
-    params, _ = place(decoder_params, base_sh)
+    params, _ = place(tiny_decoder.params, base_sh)
     partial = {k: v for k, v in base_sh.items() if k != "lm_head"}
     with pytest.raises(ValueError, match=r"out_shardings has no entry for \['lm_head/kernel'\]"):
         lx.merge(params, out_shardings=partial)
     # host params: merged on one device, then placed in the requested layout
-    merged = flatten(lx.merge(jax.device_get(decoder_params), out_shardings=base_sh))
+    merged = flatten(lx.merge(jax.device_get(tiny_decoder.params), out_shardings=base_sh))
     assert all(merged[p].sharding == s for p, s in flatten(base_sh).items())
 
 
-def test_unscanned_decoder_merge_keeps_each_kernels_sharding():
-    cfg = dataclasses.replace(DEC, scan_layers=False)
-    lora = dataclasses.replace(DEC_LORA, stacked_axes=0)
+def test_unscanned_decoder_merge_keeps_each_kernels_sharding(tiny_decoder, mesh_of, place):
+    cfg = dataclasses.replace(tiny_decoder.config, scan_layers=False)
+    lora = dataclasses.replace(tiny_decoder.lora, stacked_axes=0)
     mesh = mesh_of((1, 4, 2))
     base = dec.init_params(cfg, jax.random.key(4))
     base_sh = sh.param_shardings(base, dec.param_logical_axes(cfg), mesh)

@@ -23,15 +23,6 @@ ENC_LORA = lx.LoraXSConfig(rank=4, alpha=8.0, r_std=0.3, targets=enc.PAPER_TARGE
 ENC_APPLY = lx.wrap(enc.Encoder(ENC).apply)     # one object each: compile caches hit
 
 
-def mesh_of(shape):
-    return sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
-
-
-def place(params, base_shardings):
-    shardings = sh.adapted_shardings(params, base_shardings)
-    return sh.shard_params(params, shardings), shardings
-
-
 @pytest.fixture(scope="module")
 def encoder_params():
     # Large random kernels and R so predictions spread over the three classes.
@@ -49,7 +40,7 @@ def glue_batch(rows):
 
 
 @pytest.mark.parametrize("shape", MESHES)
-def test_eval_predictions_on_a_mesh_equal_single_device(encoder_params, shape):
+def test_eval_predictions_on_a_mesh_equal_single_device(encoder_params, shape, mesh_of, place):
     # 13 rows: no mesh below divides it, so the sharded path pads and drops the extra rows
     batch = glue_batch(13)
     want = np.asarray(classifier_predict_fn(ENC_APPLY, 3)(encoder_params, batch))

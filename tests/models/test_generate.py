@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import loraxs_jax
-import loraxs_jax as lx
 from loraxs_jax import parallel as sh
 from loraxs_jax.models import decoder as dec
 from loraxs_jax.models.decoder import DecoderConfig, DecoderForCausalLM, init_params, param_shapes
@@ -126,60 +125,26 @@ def test_generate_through_loraxs_wrap_equals_merged(params):
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
 
 
-DEC = dec.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                        num_heads=4, num_kv_heads=4, head_dim=8, scan_layers=True)
-
-
-DEC_LORA = lx.LoraXSConfig(rank=4, alpha=8.0, r_std=0.3, stacked_axes=1,
-                           targets=(r"(q|k|v|o|gate|up|down)_proj/kernel$",))
-
-
-DEC_APPLY = lx.wrap(dec.DecoderForCausalLM(DEC).apply)
-
-
-def mesh_of(shape):
-    return sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
-
-
-def place(params, base_shardings):
-    shardings = sh.adapted_shardings(params, base_shardings)
-    return sh.shard_params(params, shardings), shardings
-
-
-@pytest.fixture(scope="module")
-def decoder_params():
-    base = jax.tree.map(lambda x: 8 * x if x.ndim >= 2 else x,
-                        dec.init_params(DEC, jax.random.key(2)))
-    return lx.apply(base, DEC_LORA, jax.random.key(3))
-
-
-def prompts(rows):
-    rng = np.random.default_rng(1)
-    starts = rng.integers(0, 5, rows)
-    mask = (np.arange(8)[None] >= starts[:, None]).astype(np.int32)
-    ids = np.where(mask == 1, rng.integers(3, DEC.vocab_size, (rows, 8)), 0).astype(np.int32)
-    return ids, mask
-
-
 @pytest.mark.parametrize("shape", MESHES)
-def test_generation_on_a_mesh_equals_single_device(decoder_params, shape):
-    ids, mask = prompts(8)
-    want = np.asarray(generate(DEC_APPLY, decoder_params, DEC, ids, mask, 6, eos_token_id=1))
+def test_generation_on_a_mesh_equals_single_device(tiny_decoder, mesh_of, place, shape):
+    d = tiny_decoder
+    ids, mask = d.prompts(8)
+    want = np.asarray(generate(d.apply, d.params, d.config, ids, mask, 6, eos_token_id=1))
     assert len({tuple(r) for r in want.tolist()}) > 1
     mesh = mesh_of(shape)
-    base_sh = sh.param_shardings(dec.param_shapes(DEC), dec.param_logical_axes(DEC), mesh)
-    params, shardings = place(decoder_params, base_sh)
-    got = generate(DEC_APPLY, params, DEC, ids, mask, 6, eos_token_id=1, mesh=mesh,
+    base_sh = sh.param_shardings(dec.param_shapes(d.config), dec.param_logical_axes(d.config), mesh)
+    params, shardings = place(d.params, base_sh)
+    got = generate(d.apply, params, d.config, ids, mask, 6, eos_token_id=1, mesh=mesh,
                    param_shardings=shardings)
     assert got.sharding.is_fully_replicated
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_generation_on_a_mesh_checks_its_inputs(decoder_params):
+def test_generation_on_a_mesh_checks_its_inputs(tiny_decoder, mesh_of, place):
     mesh = mesh_of((8, 1, 1))
-    ids, mask = prompts(6)
+    ids, mask = tiny_decoder.prompts(6)
     with pytest.raises(ValueError, match=r"global batch size 6 .* data\*fsdp = 8\*1 = 8"):
-        generate(DEC_APPLY, decoder_params, DEC, ids, mask, 2, mesh=mesh,
-                 param_shardings=jax.tree.map(lambda _: sh.replicated(mesh), decoder_params))
+        generate(tiny_decoder.apply, tiny_decoder.params, tiny_decoder.config, ids, mask, 2, mesh=mesh,
+                 param_shardings=jax.tree.map(lambda _: sh.replicated(mesh), tiny_decoder.params))
     with pytest.raises(ValueError, match="both mesh and param_shardings"):
-        generate(DEC_APPLY, decoder_params, DEC, ids, mask, 2, mesh=mesh)
+        generate(tiny_decoder.apply, tiny_decoder.params, tiny_decoder.config, ids, mask, 2, mesh=mesh)
