@@ -9,6 +9,9 @@ folders taken out (``loraxs_r4/lr0.003/seed_1`` is variant ``loraxs_r4``): for e
 learning rate is the one with the best evaluation at seed 0, and the reported figure is the
 median over seeds at that rate of each run's best evaluation (the paper's statistic).
 
+A base model scored by ``eval.py --mode=base --out=<root>/base`` (``scores_base.json``) joins as
+variant ``base``: 0 trainable parameters, its score as both best and final, no learning rate.
+
 A finding compares two variants. Its verdict is "reproduced" when the paper's winner leads by more
 than the noise, "not reproduced" when it trails by more, and "within noise" otherwise; the noise is
 the larger of the two variants' spreads over seeds and the binomial standard error of the
@@ -90,10 +93,26 @@ def _lr(config: dict[str, Any]) -> float:
     return float(optim["head_lr"] if config.get("method") == "head" else optim["lr"])
 
 
+def _base_run(scores_file: Path, root: Path) -> Run:
+    """A base model's ``scores_base.json`` (eval.py --mode=base) as a run of method "base"."""
+    scores = json.loads(scores_file.read_text())
+    if "accuracy" not in scores:
+        raise ValueError(f"{scores_file} has no 'accuracy' (keys: {', '.join(sorted(scores))})")
+    summary = {"method": "base", "trainable_params": 0, "best_accuracy": scores["accuracy"],
+               "final_accuracy": scores["accuracy"], "steps": 0, "total_seconds": float("nan")}
+    folder = scores_file.parent
+    variant = "/".join(folder.relative_to(root).parts) or "base"
+    return Run(folder, variant, 0.0, 0, summary, "accuracy")
+
+
 def collect(root: str | Path) -> dict[str, Variant]:
     """Every finished run under ``root``, grouped into variants."""
     root = Path(root)
     groups: dict[str, list[Run]] = {}
+    for scores_file in sorted(root.rglob("scores_base.json")):
+        if not (scores_file.parent / "summary.json").exists():
+            run = _base_run(scores_file, root)
+            groups.setdefault(run.variant, []).append(run)
     for summary_file in sorted(root.rglob("summary.json")):
         folder = summary_file.parent
         config_file = folder / "config.json"
@@ -136,6 +155,8 @@ FINDINGS = (
     ("Appendix H: A = UΣ beats A = U (r=4)", "loraxs_r4", "ablation_init_svd_no_sigma"),
     ("Appendix E: FFN output layers need more rank than attention (equal trainable counts)",
      "ablation_rank_attn4_ffn8", "ablation_rank_attn6_ffn2"),
+    ("Fine-tuning with LoRA-XS r=16 improves on the base model", "loraxs_r16", "base"),
+    ("Fine-tuning with LoRA r=16 improves on the base model", "lora_r16", "base"),
 )
 MATCH_CLAIMS = ("matches",)    # a "matches" claim holds when the difference is within noise
 

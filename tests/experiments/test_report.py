@@ -48,3 +48,21 @@ def test_grid_seeds_findings_table_and_plot(tmp_path):
     assert (tmp_path / "docs" / "results_accuracy_vs_params.png").stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         report.report(tmp_path / "empty", tmp_path / "x")
+
+
+def test_a_base_model_joins_as_variant_base(tmp_path):
+    runs = tmp_path / "runs"
+    for lr, acc in ((1e-3, 0.50), (3e-3, 0.56)):
+        _run(runs, "loraxs_r16", lr, 0, acc, trainable=6144)
+    (runs / "base").mkdir()
+    (runs / "base" / "scores_base.json").write_text(json.dumps({"arc_easy_accuracy": 0.40,
+                                                                "accuracy": 0.40}))
+    done = report.report(runs, tmp_path / "docs", n_eval=570)
+    base = done["variants"]["base"]
+    assert base.median == 0.40 and base.summary["trainable_params"] == 0
+    (finding,) = done["findings"]
+    assert finding["b"] == "base" and finding["verdict"] == "reproduced"   # 16 pts
+    assert finding["noise"] == pytest.approx((0.56 * 0.44 / 570 + 0.4 * 0.6 / 570) ** 0.5)
+    (runs / "base" / "scores_base.json").write_text(json.dumps({"exact_match": 0.4}))
+    with pytest.raises(ValueError, match="has no 'accuracy'"):
+        report.report(runs, tmp_path / "docs2")
