@@ -244,25 +244,26 @@ def _config_diff(a: LoraXSConfig, b: LoraXSConfig) -> dict[str, tuple]:
     return {k: (da[k], db[k]) for k in da if k not in ("r_std", "svd_batch") and da[k] != db[k]}
 
 
-def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfig | None = None,
-                 *, bases_cache: str | os.PathLike | None = None,
-                 check_base: bool = True) -> Mapping:
-    """Rebuild the adapted tree: ``apply`` the stored config to ``base_params`` (A, B recomputed,
-    or read from ``bases_cache``) and put the stored R's (and extras) in place.
+def read_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfig | None = None,
+                 *, check_base: bool = True, fingerprints: dict[tuple[str, ...], str] | None = None
+                 ) -> tuple[dict[str, Any], list[Target], dict[str, np.ndarray]]:
+    """Check an adapter file against a base exactly as :func:`load_adapter` does (the config,
+    the kernels its rows belong to, the base's fingerprint) and read its tensors, without
+    building the adapted tree: what a server that keeps many adapters over one base needs.
 
-    Raises a ValueError naming the difference when the base's fingerprint is not the one the
-    adapter was trained on (pass ``check_base=False`` to override, e.g. after a dtype cast), when
-    ``cfg`` is given and differs from the stored config, or when tensors are missing or
-    mis-shaped.
+    Args:
+      path: the adapter file.
+      base_params: the base (plain tree) the adapter must have been trained on.
+      cfg: if given, the stored config must agree with it (``r_std``, ``svd_batch`` aside).
+      check_base: refuse a base whose fingerprint differs (see :func:`load_adapter`).
+      fingerprints: a memo {sorted target names: fingerprint} shared across calls, so checking a
+        thousand files against one base fingerprints it once.
+    Returns:
+      (``adapter_info(path)``, the targets at the stored ranks, {leaf path: host array}): each
+      ``<kernel>_loraxs_R`` as (*stack, r, r) and each stored extra leaf (a head) by its path.
+    Raises:
+      ValueError naming the difference (config, kernels, fingerprint, tensor shapes).
     """
-    from flax import nnx as flax_nnx
-
-    if isinstance(base_params, flax_nnx.Module):
-        from loraxs_jax import nnx
-
-        tree = load_adapter(path, nnx.params(base_params), cfg, bases_cache=bases_cache,
-                            check_base=check_base)
-        return nnx.load_into(base_params, tree)
     info = adapter_info(path)
     stored: LoraXSConfig = info["config"]
     if cfg is not None:
@@ -284,35 +285,71 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
             f"adapter {path} does not fit these params: it holds R for {show(info['adapted'])} "
             f"kernels, while its targets select {show(here)} here (or other paths: the digests "
             f"differ); targets here include {sorted(t.name for t in targets)[:4]}")
-    fp = fingerprint(base_params, stored, targets)
+    key = tuple(sorted(t.name for t in targets))
+    fp = fingerprints.get(key) if fingerprints is not None else None
+    if fp is None:
+        fp = fingerprint(base_params, stored, targets)
+        if fingerprints is not None:
+            fingerprints[key] = fp
+    info["fingerprint_here"] = fp
     if check_base and fp != info["base_fingerprint"]:
         raise ValueError(f"adapter {path} was trained on a different base model (fingerprint "
                          f"{info['base_fingerprint']} vs {fp} for these params). Load the base it "
                          "was made for, or pass check_base=False if the difference is intended.")
-    bases = cached_bases(base_params, stored, bases_cache, fp, targets) if bases_cache else None
-    adapted = insert(base_params, stored, targets, 0, bases)
     with safe_open(_adapter_path(path), framework="numpy") as f:
         stored_tensors = {name: f.get_tensor(name) for name in f.keys()}
-    new = dict(flatten(adapted))
-    paths = {path_str(p): p for p in new}
     values: dict[str, np.ndarray] = {}
     for rank, kernels in by_rank.items():
-        stacked = stored_tensors[f"{_R}{rank}"]
+        stacked = stored_tensors.pop(f"{_R}{rank}", None)
+        if stacked is None or stacked.ndim != 3 or stacked.shape[1:] != (rank, rank):
+            raise ValueError(f"adapter {path}: {_R}{rank} is missing or not (matrices, {rank}, "
+                             f"{rank}) (got {None if stacked is None else stacked.shape})")
         i = 0
+        by_name = {t.name: t for t in targets}
         for name in sorted(kernels):
-            leaf = unbox(new[paths[adapter_key(name, "R")]])
-            n = int(np.prod(leaf.shape[:-2]))
-            if stacked.shape[1:] != (rank, rank) or i + n > stacked.shape[0]:
+            shape = by_name[name].stack + (rank, rank)
+            n = int(np.prod(shape[:-2]))
+            if i + n > stacked.shape[0]:
                 raise ValueError(f"adapter {path}: {_R}{rank} of shape {stacked.shape} does not "
-                                 f"hold R for {name} (expected {leaf.shape})")
-            values[adapter_key(name, "R")] = stacked[i:i + n].reshape(leaf.shape)
+                                 f"hold R for {name} (expected {shape})")
+            values[adapter_key(name, "R")] = stacked[i:i + n].reshape(shape)
             i += n
-    for name, value in stored_tensors.items():
-        if not name.startswith(_R):
-            if name not in paths:
-                raise ValueError(f"adapter tensor {name} has no place in these params")
-            values[name] = value
+    leftover = [n for n in stored_tensors if n.startswith(_R)]
+    if leftover:
+        raise ValueError(f"adapter {path}: tensors {leftover} belong to no rank of its config")
+    values.update(stored_tensors)
+    return info, targets, values
+
+
+def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfig | None = None,
+                 *, bases_cache: str | os.PathLike | None = None,
+                 check_base: bool = True) -> Mapping:
+    """Rebuild the adapted tree: ``apply`` the stored config to ``base_params`` (A, B recomputed,
+    or read from ``bases_cache``) and put the stored R's (and extras) in place.
+
+    Raises a ValueError naming the difference when the base's fingerprint is not the one the
+    adapter was trained on (pass ``check_base=False`` to override, e.g. after a dtype cast), when
+    ``cfg`` is given and differs from the stored config, or when tensors are missing or
+    mis-shaped (:func:`read_adapter` does these checks).
+    """
+    from flax import nnx as flax_nnx
+
+    if isinstance(base_params, flax_nnx.Module):
+        from loraxs_jax import nnx
+
+        tree = load_adapter(path, nnx.params(base_params), cfg, bases_cache=bases_cache,
+                            check_base=check_base)
+        return nnx.load_into(base_params, tree)
+    info, targets, values = read_adapter(path, base_params, cfg, check_base=check_base)
+    stored: LoraXSConfig = info["config"]
+    fp = info["fingerprint_here"]
+    bases = cached_bases(base_params, stored, bases_cache, fp, targets) if bases_cache else None
+    adapted = insert(base_params, stored, targets, 0, bases)
+    new = dict(flatten(adapted))
+    paths = {path_str(p): p for p in new}
     for name, value in values.items():
+        if name not in paths:
+            raise ValueError(f"adapter tensor {name} has no place in these params")
         p = paths[name]
         old = unbox(new[p])
         if tuple(value.shape) != tuple(old.shape):
