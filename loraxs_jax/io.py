@@ -224,7 +224,10 @@ def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
     if not p.exists():
         raise FileNotFoundError(f"no adapter file at {p}")
     with safe_open(p, framework="numpy") as f:
-        metadata, keys = f.metadata() or {}, list(f.keys())
+        return _info(p, f.metadata() or {}, list(f.keys()))
+
+
+def _info(p: Path, metadata: Mapping[str, str], keys: list[str]) -> dict[str, Any]:
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{p} is not a loraxs-jax adapter (format={metadata.get('format')!r})")
     return {
@@ -245,7 +248,7 @@ def _config_diff(a: LoraXSConfig, b: LoraXSConfig) -> dict[str, tuple]:
 
 
 def read_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfig | None = None,
-                 *, check_base: bool = True, fingerprints: dict[tuple[str, ...], str] | None = None
+                 *, check_base: bool = True, memo: dict | None = None
                  ) -> tuple[dict[str, Any], list[Target], dict[str, np.ndarray]]:
     """Check an adapter file against a base exactly as :func:`load_adapter` does (the config,
     the kernels its rows belong to, the base's fingerprint) and read its tensors, without
@@ -256,15 +259,23 @@ def read_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
       base_params: the base (plain tree) the adapter must have been trained on.
       cfg: if given, the stored config must agree with it (``r_std``, ``svd_batch`` aside).
       check_base: refuse a base whose fingerprint differs (see :func:`load_adapter`).
-      fingerprints: a memo {sorted target names: fingerprint} shared across calls, so checking a
-        thousand files against one base fingerprints it once.
+      memo: a dict shared across calls on the same ``base_params``: the targets, layout and
+        fingerprint a stored config selects on this base are then worked out once, so checking
+        a million files against one base costs a header read each.
     Returns:
-      (``adapter_info(path)``, the targets at the stored ranks, {leaf path: host array}): each
-      ``<kernel>_loraxs_R`` as (*stack, r, r) and each stored extra leaf (a head) by its path.
+      (``adapter_info(path)`` plus ``"fingerprint_here"``, the targets at the stored ranks,
+      {leaf path: host array}): each ``<kernel>_loraxs_R`` as (*stack, r, r) and each stored
+      extra leaf (a head) by its path.
     Raises:
       ValueError naming the difference (config, kernels, fingerprint, tensor shapes).
     """
-    info = adapter_info(path)
+    p = _adapter_path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no adapter file at {p}")
+    with safe_open(p, framework="numpy") as f:
+        metadata = f.metadata() or {}
+        info = _info(p, metadata, list(f.keys()))
+        stored_tensors = {name: f.get_tensor(name) for name in f.keys()}
     stored: LoraXSConfig = info["config"]
     if cfg is not None:
         diff = _config_diff(stored, cfg)
@@ -272,12 +283,18 @@ def read_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
             raise ValueError(f"adapter {path} was made with a different config: "
                              + "; ".join(f"{k}: file {v[0]!r} vs given {v[1]!r}"
                                          for k, v in diff.items()))
-    targets = find_targets(base_params, stored,
-                           _stored_geometries(info["geometry"], base_params, stored))
-    by_rank: dict[int, list[str]] = {}
-    for t in targets:
-        by_rank.setdefault(t.rank, []).append(t.name)
-    here = {int(k): v for k, v in _layout(by_rank).items()}
+    key = (metadata["config"], metadata.get("geometry", ""))
+    if memo is None or key not in memo:
+        targets = find_targets(base_params, stored,
+                               _stored_geometries(info["geometry"], base_params, stored))
+        by_rank: dict[int, list[str]] = {}
+        for t in targets:
+            by_rank.setdefault(t.rank, []).append(t.name)
+        fp = fingerprint(base_params, stored, targets)
+        found = (targets, by_rank, {int(k): v for k, v in _layout(by_rank).items()}, fp)
+        if memo is not None:
+            memo[key] = found
+    targets, by_rank, here, fp = memo[key] if memo is not None else found
     if here != info["adapted"]:
         def show(layout):
             return ", ".join(f"{v['kernels']} of rank {k}" for k, v in sorted(layout.items()))
@@ -285,27 +302,19 @@ def read_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
             f"adapter {path} does not fit these params: it holds R for {show(info['adapted'])} "
             f"kernels, while its targets select {show(here)} here (or other paths: the digests "
             f"differ); targets here include {sorted(t.name for t in targets)[:4]}")
-    key = tuple(sorted(t.name for t in targets))
-    fp = fingerprints.get(key) if fingerprints is not None else None
-    if fp is None:
-        fp = fingerprint(base_params, stored, targets)
-        if fingerprints is not None:
-            fingerprints[key] = fp
     info["fingerprint_here"] = fp
     if check_base and fp != info["base_fingerprint"]:
         raise ValueError(f"adapter {path} was trained on a different base model (fingerprint "
                          f"{info['base_fingerprint']} vs {fp} for these params). Load the base it "
                          "was made for, or pass check_base=False if the difference is intended.")
-    with safe_open(_adapter_path(path), framework="numpy") as f:
-        stored_tensors = {name: f.get_tensor(name) for name in f.keys()}
     values: dict[str, np.ndarray] = {}
+    by_name = {t.name: t for t in targets}
     for rank, kernels in by_rank.items():
         stacked = stored_tensors.pop(f"{_R}{rank}", None)
         if stacked is None or stacked.ndim != 3 or stacked.shape[1:] != (rank, rank):
             raise ValueError(f"adapter {path}: {_R}{rank} is missing or not (matrices, {rank}, "
                              f"{rank}) (got {None if stacked is None else stacked.shape})")
         i = 0
-        by_name = {t.name: t for t in targets}
         for name in sorted(kernels):
             shape = by_name[name].stack + (rank, rank)
             n = int(np.prod(shape[:-2]))
