@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import Mesh
 
 import loraxs_jax as lx
-from loraxs_jax.serving import BASE, AdapterBank, AdapterDirectory, rows
 from loraxs_jax.models.generate import generate
+from loraxs_jax.serving import BASE, AdapterBank, AdapterDirectory, rows
 
 MIX = ["a2", BASE, "a0", "s2", "a1", "a2", "s2", "a0"]
 
