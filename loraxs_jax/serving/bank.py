@@ -134,8 +134,16 @@ class AdapterBank:
                                 f"{self.capacity} (axis={axis!r}, mesh {dict(mesh.shape)})")
             self.sharding = NamedSharding(mesh, PartitionSpec(axis))
         else:
-            self.sharding = None
-        self.state = {p: self._put(jnp.zeros((self.capacity, *s), d)) for p, s, d in self.layout}
+            self.sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # slot 0: R = 0 and the base's own extras; every other slot zeros until loaded
+        base_row = self._fill(np.zeros(self.row_size, np.float32),
+                              {p: np.asarray(unbox(flat[tuple(p.split("/"))]))
+                               for p in self.extra_paths})
+        self.state = {}
+        for (p, shape, d), part in zip(self.layout, self._split(base_row), strict=True):
+            host = np.zeros((self.capacity, *shape), d)
+            host[0] = part
+            self.state[p] = jax.device_put(host, self.sharding)
         self._slots: dict[str, int] = {BASE: 0}
         self._names: list[str | None] = [BASE] + [None] * (self.capacity - 1)
         self._pinned: set[str] = {BASE}
@@ -144,16 +152,17 @@ class AdapterBank:
         if source is not None and hasattr(source, "check_bank"):
             source.check_bank(self)
         self._write = jax.jit(_scatter, static_argnums=(3,), donate_argnums=(0,),
-                              out_shardings=(jax.tree.map(lambda _: self.sharding, self.state)
-                                             if self.sharding is not None else None))
-        base_row = np.zeros(self.row_size, np.float32)
-        self._fill(base_row, {p: np.asarray(unbox(flat[tuple(p.split("/"))]))
-                              for p in self.extra_paths})
-        self._write_rows([0], base_row[None])
+                              out_shardings=jax.tree.map(lambda _: self.sharding, self.state))
 
     # ----------------------------------------------------------------------------- reading
-    def _put(self, x):
-        return jax.device_put(x, self.sharding) if self.sharding is not None else x
+    def _split(self, row: np.ndarray) -> list[np.ndarray]:
+        """A row (row_size,) as its leaves, in layout order and shapes."""
+        out, off = [], 0
+        for _, shape, _ in self.layout:
+            n = int(np.prod(shape))
+            out.append(row[off:off + n].reshape(shape))
+            off += n
+        return out
 
     def _fill(self, row: np.ndarray, values: Mapping[str, np.ndarray]) -> np.ndarray:
         off = 0
@@ -330,6 +339,11 @@ class AdapterBank:
         pass into a jitted program (an argument, never a baked-in constant). Valid until the
         next load or unload (the scatter donates the old state): take it after ``ensure``."""
         return {"base": self.base, "shared": self.shared, "state": self.state}
+
+    def scatter_programs(self) -> int:
+        """How many load programs are compiled (one per power-of-two batch of loads and row
+        layout; shared by banks of the same layout)."""
+        return self._write._cache_size()
 
     def bytes_per_adapter(self) -> int:
         """Device bytes one slot holds: r² × matrices × 4 (+ the extras)."""
