@@ -234,6 +234,11 @@ class AdapterBank:
         return len(self._slots)
 
     @property
+    def pinned(self) -> frozenset[str]:
+        """Names ``ensure`` never evicts: the base and adapters ``load``-ed explicitly."""
+        return frozenset(self._pinned)
+
+    @property
     def resident(self) -> dict[str, int]:
         """{name: slot} of every resident adapter (the base is slot 0)."""
         return dict(self._slots)

@@ -1,7 +1,7 @@
 """Tiny models with a folder of trained-looking adapters each, shared by the serving tests.
 
-``decoder_zoo``: a random 2-layer Llama-family decoder, adapters a0..a2 at rank 4 and s2 at rank
-2 (the paper's seven targets, R ~ N(0, 0.3²) so each adapter moves the logits visibly), all
+``decoder_zoo``: a random 2-layer Llama-family decoder over MiniLM's real tokenizer's vocabulary,
+adapters a0..a2 at rank 4 and s2 at rank 2 (the paper's seven targets, R ~ N(0, 0.3²) so each adapter moves the logits visibly), all
 saved with ``save_adapter`` into one folder. ``encoder_zoo``: a random 2-layer BERT loaded from a
 transformers folder with MiniLM's real tokenizer, a mean-pooled 3-label head, adapters e0..e2
 that each carry their own head (``trainable=("^classifier/",)``).
@@ -38,9 +38,13 @@ class Zoo:
 
 
 @pytest.fixture(scope="session")
-def decoder_zoo(tmp_path_factory):
+def decoder_zoo(tmp_path_factory, tiny_bert):
+    from transformers import AutoTokenizer
+
     folder = tmp_path_factory.mktemp("decoder_adapters")
-    c = dec.DecoderConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)       # MiniLM's, 30,522 word pieces
+    c = dec.DecoderConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                          num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=8)
     base = dec.init_params(c, jax.random.key(0))
     cfg = lx.LoraXSConfig(rank=4, alpha=8.0, targets=dec.PAPER_TARGETS, r_std=0.3)
@@ -48,7 +52,8 @@ def decoder_zoo(tmp_path_factory):
         lx.save_adapter(folder / f"a{k}", lx.apply(base, cfg, k), cfg)
     small = dataclasses.replace(cfg, rank=2, alpha=3.0)
     lx.save_adapter(folder / "s2", lx.apply(base, small, 7), small)
-    return Zoo(dec.DecoderForCausalLM(c), c, base, cfg, folder, ["a0", "a1", "a2", "s2"])
+    return Zoo(dec.DecoderForCausalLM(c), c, base, cfg, folder, ["a0", "a1", "a2", "s2"],
+               tokenizer)
 
 
 @pytest.fixture(scope="session")
