@@ -11,12 +11,21 @@ matrices are adapted. Extra trainable leaves
 (``cfg.trainable``, e.g. a task head) are stored under their own paths. A, B are recomputed
 from the base at load time (the config, including ``bases_seed``, determines them), or read
 from the bases cache.
+
+Files are untrusted input. Every file we write carries a SHA-256 of its header (less the digest)
+and data in its metadata; :func:`read_tensors` checks the declared header length against the
+file's size, the JSON header's schema, every tensor's dtype, shape and byte range, and the
+digest, before safetensors builds an array, so a truncated, corrupted, renamed or hostile file
+raises :class:`AdapterFileError` naming it, in memory and time bounded by the file's own size.
+Nothing non-finite is ever written (:func:`save_tensors` refuses NaN/Inf, naming the tensor).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -25,11 +34,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' reader needs)
+import ml_dtypes
 import numpy as np
 import safetensors.numpy
 from jax.sharding import NamedSharding, PartitionSpec
-from safetensors import safe_open
 
 from loraxs_jax.apply import adapted_geometries, insert
 from loraxs_jax.bases import (
@@ -44,9 +52,20 @@ from loraxs_jax.geometry import Geometry
 from loraxs_jax.parallel.hosts import to_host, write_file
 from loraxs_jax.tree import adapter_key, flatten, leaf_role, path_str, unbox, unflatten
 
-FORMAT = "loraxs-jax/adapter-v1"
+FORMAT = "loraxs-jax/adapter-v2"          # v1 files (no digest) are still read
+_FORMAT_V1 = "loraxs-jax/adapter-v1"
+_BASES_FORMAT = "loraxs-jax/bases-v2"
 _SAMPLE = 1024
 _R = "loraxs_R/r"
+_DIGEST = "sha256"
+_MAX_HEADER = 100 * 2**20                  # safetensors' own limit on the JSON header
+_NUMPY = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32, "F64": np.float64}
+_ITEMSIZE = {k: np.dtype(v).itemsize for k, v in _NUMPY.items()}   # we write floats only
+
+
+class AdapterFileError(ValueError):
+    """A file that is not a well-formed file of ours (truncated, corrupted, renamed, hostile or
+    made for something else); the message names the file and what is wrong with it."""
 
 
 def _version() -> str:
@@ -57,11 +76,116 @@ def _version() -> str:
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                  metadata: Mapping[str, str]) -> Path:
-    """One safetensors file (``safetensors.numpy``; bf16 included, no torch), written by process
-    0 atomically, then a barrier (``parallel.write_file``)."""
-    data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                                  metadata=dict(metadata))
-    return write_file(path, data)
+    """One safetensors file (``safetensors.numpy``; bf16 included, no torch) with a SHA-256 of
+    its content in the metadata, written by process 0 atomically, then a barrier
+    (``parallel.write_file``). A tensor holding NaN or Inf is refused, naming it: a file we
+    keep is never poisoned."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    for name, v in tensors.items():
+        if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all():
+            bad = int(v.size - np.isfinite(v).sum())
+            raise ValueError(f"refusing to write {path}: tensor {name} holds {bad} NaN/Inf of "
+                             f"{v.size} values")
+    meta = dict(metadata)
+    unsigned = safetensors.numpy.save(tensors, metadata=meta)
+    n = int.from_bytes(unsigned[:8], "little")
+    meta[_DIGEST] = _digest(json.loads(unsigned[8:8 + n]), memoryview(unsigned)[8 + n:])
+    return write_file(path, safetensors.numpy.save(tensors, metadata=meta))
+
+
+def _digest(header: Mapping[str, Any], data: bytes | memoryview) -> str:
+    """SHA-256 of a parsed header (tensor entries and metadata, less the digest itself, as
+    canonical JSON) and the data bytes: any changed byte that still parses changes it."""
+    meta = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != _DIGEST}
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    h = hashlib.sha256(json.dumps({"tensors": entries, "metadata": meta}, sort_keys=True,
+                                  separators=(",", ":")).encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, checked before any array is made.
+
+    The 8-byte header length must fit the file; the header must be a JSON object of tensor
+    entries (a float dtype, a shape of non-negative ints, byte offsets that tile the data region
+    exactly and match shape × itemsize) and string metadata; a digest in the metadata must match.
+    Memory and time stay bounded by the file's size whatever the header declares.
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      AdapterFileError: anything else wrong, naming the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no adapter file at {p}")
+
+    def bad(why: str) -> AdapterFileError:
+        return AdapterFileError(f"{p}: {why}")
+
+    size = p.stat().st_size
+    if size < 8:
+        raise bad(f"{size} bytes, too short for a safetensors file (empty or truncated)")
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, _MAX_HEADER) or n < 2:
+            raise bad(f"declares a {n:,}-byte header but the file holds {size:,} bytes "
+                      "(truncated, or not a safetensors file)")
+        f.seek(0)
+        blob = f.read()
+    if len(blob) != size:
+        raise bad("changed size while being read")
+    try:
+        header = json.loads(blob[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"header is not JSON ({type(e).__name__}: {str(e)[:80]}): corrupted, or not "
+                  "a safetensors file") from None
+    if not isinstance(header, dict):
+        raise bad(f"header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in meta.items()):
+        raise bad("__metadata__ is not a mapping of strings")
+    data = memoryview(blob)[8 + n:]
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r}: entry {str(entry)[:80]} is not "
+                      "{dtype, shape, data_offsets}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _ITEMSIZE:
+            raise bad(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(_ITEMSIZE)}")
+        if not (isinstance(shape, list) and all(_nonneg_int(d) for d in shape)):
+            raise bad(f"tensor {name!r}: shape {str(shape)[:80]} is not a list of ints >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(_nonneg_int(o) for o in offsets) and offsets[0] <= offsets[1]):
+            raise bad(f"tensor {name!r}: data_offsets {str(offsets)[:80]} are not [begin, end]")
+        need = math.prod(shape) * _ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != need or offsets[1] > len(data):
+            raise bad(f"tensor {name!r} of shape {shape} {dtype} needs {need:,} bytes; the "
+                      f"header gives it bytes {offsets} of a {len(data):,}-byte data region")
+        spans.append(offsets)
+    spans.sort()
+    if [0] + [e for _, e in spans] != [b for b, _ in spans] + [len(data)]:
+        raise bad(f"tensor byte ranges {spans[:4]}... do not tile the {len(data):,}-byte data "
+                  "region (overlapping, gaps, or trailing bytes)")
+    if _DIGEST in meta and not hmac.compare_digest(meta[_DIGEST], _digest(header, data)):
+        raise bad("content does not match its sha256 (the file was corrupted or edited)")
+    try:   # safetensors' own parser, as a second opinion on what was checked above
+        views = safetensors.deserialize(blob)
+    except Exception as e:
+        raise bad(f"safetensors refused it: {e}") from None
+    # sorted: deserialize's order varies from process to process (a Rust HashMap), and every
+    # process of a multi-host job must place the tensors in one order (device_put is collective)
+    tensors = {name: np.frombuffer(v["data"], _NUMPY[v["dtype"]]).reshape(v["shape"])
+               for name, v in sorted(views, key=lambda x: x[0])}
+    return tensors, meta
+
+
+def _nonneg_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _as_tree(params: Any) -> Mapping:
@@ -129,32 +253,33 @@ def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
     """
     params = _as_tree(params)
     flat = flatten(params)
-    tensors: dict[str, np.ndarray] = {}
-    rows: dict[int, list[np.ndarray]] = {}
-    adapted: dict[int, list[str]] = {}
-    for p, v in flat.items():
-        role = leaf_role(p[-1])
-        if role and role[1] == "R":
-            r = np.asarray(to_host(unbox(v)), dtype=dtype or unbox(v).dtype)
-            rank = r.shape[-1]
-            rows.setdefault(rank, []).append(r.reshape(-1, rank, rank))
-            adapted.setdefault(rank, []).append(path_str((*p[:-1], role[0])))
-        elif include_extras and not role and cfg.trainable and cfg.is_extra_trainable(path_str(p)):
-            tensors[path_str(p)] = to_host(unbox(v))
-    if not adapted:
+    r_leaves = {path_str((*p[:-1], role[0])): v for p, v in flat.items()
+                if (role := leaf_role(p[-1])) and role[1] == "R"}
+    if not r_leaves:
         raise ValueError("no *_loraxs_R leaves in these params: nothing to save "
                          "(save the tree returned by loraxs_jax.apply, not a merged one)")
-    for rank, rs in rows.items():
-        order = np.argsort(adapted[rank], kind="stable")
-        tensors[f"{_R}{rank}"] = np.concatenate([rs[i] for i in order])
     base = {p: v for p, v in flat.items() if not leaf_role(p[-1])}
     geometries = adapted_geometries(params)
     targets = find_targets(_plain(base), cfg, geometries)
-    found = sorted(t.name for t in targets)
-    names = sorted(n for ns in adapted.values() for n in ns)
-    if found != names:
-        raise ValueError(f"cfg does not describe these params: it targets {found[:4]}..., the "
-                         f"params are adapted at {names[:4]}...")
+    want = {t.name: t.stack + (t.rank, t.rank) for t in targets}
+    have = {name: tuple(unbox(v).shape) for name, v in r_leaves.items()}
+    if want != have:
+        diff = [f"{n}: cfg gives R {want.get(n, '(not a target)')}, the params hold "
+                f"{have.get(n, '(no R)')}" for n in sorted(set(want) | set(have))
+                if want.get(n) != have.get(n)]
+        raise ValueError(f"cfg does not describe these params ({len(diff)} kernels differ; pass "
+                         "the LoraXSConfig that apply was given): " + "; ".join(diff[:3]))
+    tensors: dict[str, np.ndarray] = {}
+    adapted: dict[int, list[str]] = {}
+    for name in sorted(r_leaves):
+        adapted.setdefault(have[name][-1], []).append(name)
+    for rank, names in adapted.items():
+        tensors[f"{_R}{rank}"] = np.concatenate([
+            np.asarray(to_host(unbox(r_leaves[n])), dtype=dtype or unbox(r_leaves[n]).dtype
+                       ).reshape(-1, rank, rank) for n in names])
+    if include_extras and cfg.trainable:
+        tensors.update({path_str(p): to_host(unbox(v)) for p, v in base.items()
+                        if cfg.is_extra_trainable(path_str(p))})
     meta = {
         "format": FORMAT,
         "loraxs_jax_version": _version(),
@@ -219,27 +344,80 @@ def _plain(flat: Mapping[tuple, Any]) -> dict:
 
 def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of an adapter file: config (LoraXSConfig), version, fingerprint, adapted
-    kernels, tensor names, its path and its size in bytes."""
+    kernels, recorded geometries, tensor names, its path and its size in bytes. The whole file
+    is checked first (see :func:`read_tensors`; then the metadata's schema and every tensor
+    against the stored config), so an adapter that passes here loads, or fails only against the
+    base it is given.
+
+    Raises:
+      FileNotFoundError: no file at ``path`` (``.safetensors`` appended if missing).
+      AdapterFileError: a truncated, corrupted, foreign or inconsistent file, naming it.
+    """
+    return _read_adapter(path)[0]
+
+
+def _read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     p = _adapter_path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no adapter file at {p}")
-    with safe_open(p, framework="numpy") as f:
-        return _info(p, f.metadata() or {}, list(f.keys()))
+    tensors, meta = read_tensors(p)
 
+    def bad(why: str) -> AdapterFileError:
+        return AdapterFileError(f"{p}: {why}")
 
-def _info(p: Path, metadata: Mapping[str, str], keys: list[str]) -> dict[str, Any]:
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{p} is not a loraxs-jax adapter (format={metadata.get('format')!r})")
-    return {
-        "config": LoraXSConfig.from_dict(json.loads(metadata["config"])),
-        "version": metadata.get("loraxs_jax_version"),
-        "base_fingerprint": metadata["base_fingerprint"],
-        "adapted": {int(k): v for k, v in json.loads(metadata["adapted"]).items()},
-        "geometry": json.loads(metadata.get("geometry", "{}")),
-        "tensors": keys,
-        "path": p,
-        "bytes": p.stat().st_size,
-    }
+    fmt = meta.get("format")
+    if fmt not in (FORMAT, _FORMAT_V1):
+        raise bad(f"not a loraxs-jax adapter (format={fmt!r}, expected {FORMAT!r})")
+    if fmt == FORMAT and _DIGEST not in meta:
+        raise bad(f"has no {_DIGEST} digest, which every {FORMAT} file carries")
+    missing = sorted({"config", "base_fingerprint", "adapted"} - set(meta))
+    if missing:
+        raise bad(f"its metadata lacks {missing}")
+    try:
+        config, layout = json.loads(meta["config"]), json.loads(meta["adapted"])
+        if not isinstance(config, dict):
+            raise ValueError(f"config is a JSON {type(config).__name__}")
+        cfg = LoraXSConfig.from_dict(config)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise bad(f"its stored config is not a valid LoraXSConfig: {e}") from None
+    if not (isinstance(layout, dict) and layout and all(
+            isinstance(k, str) and re.fullmatch(r"[1-9][0-9]{0,5}", k) and isinstance(v, dict)
+            and set(v) == {"kernels", "digest"} and _nonneg_int(v["kernels"]) and v["kernels"]
+            and isinstance(v["digest"], str) for k, v in layout.items())):
+        raise bad(f"'adapted' metadata {meta['adapted'][:80]!r} is not {{rank: {{kernels, "
+                  "digest}}}")
+    layout = {int(k): v for k, v in layout.items()}
+    ranks = {cfg.rank} if isinstance(cfg.rank, int) else {r for _, r in cfg.rank}
+    if not set(layout) <= ranks:
+        raise bad(f"holds R of ranks {sorted(layout)}, but its config gives ranks {sorted(ranks)}")
+    for name, value in tensors.items():
+        if name.startswith(_R):
+            rank = int(name[len(_R):]) if name[len(_R):].isdecimal() else None
+            if rank not in layout:
+                raise bad(f"tensor {name} is not one of the R tensors its metadata lists "
+                          f"({[f'{_R}{r}' for r in sorted(layout)]})")
+            if value.ndim != 3 or value.shape[1:] != (rank, rank) or (
+                    value.shape[0] < layout[rank]["kernels"]):
+                raise bad(f"tensor {name} has shape {value.shape}; {layout[rank]['kernels']} "
+                          f"kernels of rank {rank} need (>= {layout[rank]['kernels']}, {rank}, "
+                          f"{rank})")
+        elif not cfg.is_extra_trainable(name):
+            raise bad(f"tensor {name!r} is neither an R nor a leaf its config's trainable "
+                      f"{list(cfg.trainable)} names")
+    absent = [f"{_R}{r}" for r in layout if f"{_R}{r}" not in tensors]
+    if absent:
+        raise bad(f"its metadata lists {absent}, which the file does not hold")
+    try:
+        geometry = json.loads(meta.get("geometry", "{}"))
+    except ValueError as e:
+        raise bad(f"its 'geometry' metadata is not JSON: {e}") from None
+    if not (isinstance(geometry, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and v and set(v) <= set("sio")
+            for k, v in geometry.items())):
+        raise bad("'geometry' metadata is not {kernel path pattern: roles (s, i, o per axis)}")
+    info = {"config": cfg, "version": meta.get("loraxs_jax_version"),
+            "base_fingerprint": meta["base_fingerprint"], "adapted": layout,
+            "geometry": geometry, "tensors": list(tensors), "path": p,
+            "bytes": p.stat().st_size}
+    return info, tensors
 
 
 def _config_diff(a: LoraXSConfig, b: LoraXSConfig) -> dict[str, tuple]:
@@ -261,7 +439,7 @@ def read_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
       check_base: refuse a base whose fingerprint differs (see :func:`load_adapter`).
       memo: a dict shared across calls on the same ``base_params``: the targets, layout and
         fingerprint a stored config selects on this base are then worked out once, so checking
-        a million files against one base costs a header read each.
+        a million files against one base costs one read of each (small) file: its checks and digest.
     Returns:
       (``adapter_info(path)`` plus ``"fingerprint_here"``, the targets at the stored ranks,
       {leaf path: host array}): each ``<kernel>_loraxs_R`` as (*stack, r, r) and each stored
@@ -269,13 +447,7 @@ def read_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
     Raises:
       ValueError naming the difference (config, kernels, fingerprint, tensor shapes).
     """
-    p = _adapter_path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no adapter file at {p}")
-    with safe_open(p, framework="numpy") as f:
-        metadata = f.metadata() or {}
-        info = _info(p, metadata, list(f.keys()))
-        stored_tensors = {name: f.get_tensor(name) for name in f.keys()}
+    info, stored_tensors = _read_adapter(path)      # the whole file checked before any work
     stored: LoraXSConfig = info["config"]
     if cfg is not None:
         diff = _config_diff(stored, cfg)
@@ -283,7 +455,8 @@ def read_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
             raise ValueError(f"adapter {path} was made with a different config: "
                              + "; ".join(f"{k}: file {v[0]!r} vs given {v[1]!r}"
                                          for k, v in diff.items()))
-    key = (metadata["config"], metadata.get("geometry", ""))
+    key = (json.dumps(stored.to_dict(), sort_keys=True),
+           json.dumps(info["geometry"], sort_keys=True))
     if memo is None or key not in memo:
         targets = find_targets(base_params, stored,
                                _stored_geometries(info["geometry"], base_params, stored))
@@ -411,7 +584,7 @@ def store_bases(cache_dir: str | os.PathLike, base_params: Mapping, cfg: LoraXSC
         tensors[adapter_key(t.name, "A")] = to_host(a)
         tensors[adapter_key(t.name, "B")] = to_host(b)
     return save_tensors(_bases_file(cache_dir, cfg, fp, targets), tensors,
-                        {"format": "loraxs-jax/bases-v1", "base_fingerprint": fp,
+                        {"format": _BASES_FORMAT, "base_fingerprint": fp,
                          "bases_config": json.dumps(cfg.bases_dict())})
 
 
@@ -427,10 +600,7 @@ def cached_bases(base_params: Mapping, cfg: LoraXSConfig, cache_dir: str | os.Pa
     fp = fp or fingerprint(base_params, cfg, targets)
     file = _bases_file(cache_dir, cfg, fp, targets)
     if file.exists():
-        with safe_open(file, framework="numpy") as f:
-            bases = {t.name: (jnp.asarray(f.get_tensor(adapter_key(t.name, "A"))),
-                              jnp.asarray(f.get_tensor(adapter_key(t.name, "B"))))
-                     for t in targets}
+        bases = _read_bases(file, targets)
         if cfg.init == "given" and bases_digest(bases) != cfg.bases_seed:
             raise ValueError(f"{file} holds other bases than the adapter's (digest "
                              f"{bases_digest(bases)} vs bases_seed {cfg.bases_seed}); import the "
@@ -444,3 +614,21 @@ def cached_bases(base_params: Mapping, cfg: LoraXSConfig, cache_dir: str | os.Pa
     bases = compute_bases(base_params, cfg, targets)
     store_bases(cache_dir, base_params, cfg, bases, fp, targets)
     return bases
+
+
+def _read_bases(file: Path, targets: list[Target]) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """A bases cache file, checked like an adapter: the format, its digest and every A, B."""
+    tensors, meta = read_tensors(file)
+    fix = "delete it and it is recomputed"
+    if meta.get("format") != _BASES_FORMAT or _DIGEST not in meta:
+        raise AdapterFileError(f"{file}: not a {_BASES_FORMAT} bases cache with a digest "
+                               f"(format={meta.get('format')!r}); {fix}")
+    out = {}
+    for t in targets:
+        a, b = tensors.get(adapter_key(t.name, "A")), tensors.get(adapter_key(t.name, "B"))
+        shapes = t.geometry.canonical_shapes(t.rank)
+        want = (shapes["A"], shapes["B"])
+        if a is None or b is None or (a.shape, b.shape) != want:
+            raise AdapterFileError(f"{file}: holds no bases of shapes {want} for {t.name}; {fix}")
+        out[t.name] = (jnp.asarray(a), jnp.asarray(b))
+    return out
