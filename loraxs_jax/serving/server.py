@@ -298,11 +298,9 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_wait_ms: float = 10.0
     return app
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``loraxs-serve``: load a base and a folder of adapters, serve them over HTTP."""
-    import uvicorn
-
-    p = argparse.ArgumentParser(description=main.__doc__)
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """The options that build an Engine (shared by ``loraxs-serve`` and ``loraxs-score``)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", required=True, help="base model: HF folder or Llama GGUF file")
     p.add_argument("--adapters", required=True, help="folder of <name>.safetensors adapters")
     p.add_argument("--kind", choices=["encoder", "decoder"], default=None,
@@ -312,15 +310,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--head", default="mean", help="encoder head: mean or cls")
     p.add_argument("--rank", type=int, default=None, help="bank rank (default: the largest)")
     p.add_argument("--max-batch", type=int, default=32, help="rows per batch")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="batching window")
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=256)
+    return p
+
+
+def engine_from_args(a: argparse.Namespace) -> Engine:
+    return load_engine(a.model, a.adapters, kind=a.kind, capacity=a.capacity,
+                       num_labels=a.num_labels, head=a.head, rank=a.rank,
+                       max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_new_tokens)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``loraxs-serve``: load a base and a folder of adapters, serve them over HTTP (or, with
+    ``--batch IN --out OUT``, score a JSONL file offline: ``serving.score``)."""
+    p = parser(main.__doc__)
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="batching window")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--batch", default=None, help="score this JSONL of {adapter, input} rows "
+                   "offline instead of serving (needs --out)")
+    p.add_argument("--out", default=None, help="with --batch: the JSONL to write")
     a = p.parse_args(argv)
-    engine = load_engine(a.model, a.adapters, kind=a.kind, capacity=a.capacity,
-                         num_labels=a.num_labels, head=a.head, rank=a.rank,
-                         max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_new_tokens)
+    if (a.batch is None) != (a.out is None):
+        p.error("--batch and --out go together")
+    if a.batch is not None:
+        from loraxs_jax.serving.score import run_batch
+
+        return run_batch(a, a.batch)
+    import uvicorn
+
+    from loraxs_jax.serving.bank import BankError
+
+    try:
+        engine = engine_from_args(a)
+    except (BankError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     app = create_app(engine, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms)
     uvicorn.run(app, host=a.host, port=a.port, log_level="info")
 

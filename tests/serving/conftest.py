@@ -1,10 +1,11 @@
 """Tiny models with a folder of trained-looking adapters each, shared by the serving tests.
 
 ``decoder_zoo``: a random 2-layer Llama-family decoder over MiniLM's real tokenizer's vocabulary,
-adapters a0..a2 at rank 4 and s2 at rank 2 (the paper's seven targets, R ~ N(0, 0.3²) so each adapter moves the logits visibly), all
-saved with ``save_adapter`` into one folder. ``encoder_zoo``: a random 2-layer BERT loaded from a
-transformers folder with MiniLM's real tokenizer, a mean-pooled 3-label head, adapters e0..e2
-that each carry their own head (``trainable=("^classifier/",)``).
+adapters a0..a2 at rank 4 and s2 at rank 2 (the paper's seven targets, R ~ N(0, 0.3²) so each
+adapter moves the logits visibly), all saved with ``save_adapter`` into one folder.
+``encoder_zoo``: a random 2-layer BERT loaded from a transformers folder with MiniLM's real
+tokenizer, a mean-pooled 3-label head, adapters e0..e2 that each carry their own head
+(``trainable=("^classifier/",)``).
 """
 
 import dataclasses

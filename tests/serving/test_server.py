@@ -1,15 +1,18 @@
 """The HTTP server on localhost with a real client (httpx): concurrent requests for different
 adapters are batched together and answer what the library's single-adapter path computes; bad
 input gets a 4xx naming the problem and the server keeps serving; adapters are listed, loaded
-and unloaded."""
+and unloaded. The client is the standard library's urllib (no extra dependency)."""
 
 import concurrent.futures
+import http.client
+import json
 import re
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
-import httpx
 import jax
 import numpy as np
 import pytest
@@ -20,6 +23,41 @@ from loraxs_jax.models.generate import generate
 from loraxs_jax.serving import AdapterBank, AdapterDirectory
 from loraxs_jax.serving.engine import Engine, bucket
 from loraxs_jax.serving.server import create_app
+
+
+class Reply:
+    def __init__(self, status: int, body: bytes):
+        self.status_code, self.text = status, body.decode()
+
+    def json(self):
+        return json.loads(self.text)
+
+
+class Client:
+    """A tiny HTTP client over urllib: every answer (2xx or 4xx) comes back as a Reply."""
+
+    def __init__(self, base_url: str, timeout: float = 120):
+        self.base_url, self.timeout = base_url, timeout
+
+    def request(self, method, path, json_body=None, content=None):
+        data = content if content is not None else (
+            None if json_body is None else json.dumps(json_body).encode())
+        req = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return Reply(r.status, r.read())
+        except urllib.error.HTTPError as e:
+            return Reply(e.code, e.read())
+
+    def post(self, path, json=None, content=None, headers=None):
+        return self.request("POST", path, json, content)
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def delete(self, path):
+        return self.request("DELETE", path)
 
 
 def _serve(app):
@@ -62,8 +100,8 @@ def encoder_server(encoder_zoo):
 
 
 def _post_all(url, path, bodies):
-    with httpx.Client(base_url=url, timeout=300) as c, \
-            concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+    c = Client(url, timeout=300)
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         return list(pool.map(lambda b: c.post(path, json=b), bodies))
 
 
@@ -121,35 +159,45 @@ def test_bad_input_gets_a_4xx_and_the_server_survives(decoder_server):
         ({"json": {"model": "a0", "prompt": "x", "temperature": "hot"}}, 422, "must be a number"),
         ({"json": {"model": "a0", "prompt": "x", "colour": 1}}, 422, "unknown fields"),
     ]
-    with httpx.Client(base_url=url, timeout=120) as c:
-        for kw, status, message in cases:
-            r = c.post("/v1/completions", **kw)
-            assert r.status_code == status, (kw, r.text)
-            err = r.json()["error"]
-            assert err["code"] == status and re.search(message, err["message"])
-        assert c.post("/v1/classify", json={"model": "a0", "input": "x"}).status_code == 404
-        assert c.get("/v1/nothing").status_code == 404
-        assert c.get("/health").json()["status"] == "ok"
-        ok = c.post("/v1/completions", json={"model": "a0", "prompt": "still here",
-                                             "max_tokens": 2})
-        assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
+    c = Client(url)
+    for kw, status, message in cases:
+        r = c.post("/v1/completions", **kw)
+        assert r.status_code == status, (kw, r.text)
+        err = r.json()["error"]
+        assert err["code"] == status and re.search(message, err["message"])
+    # an oversized body is refused from its Content-Length, before it is read
+    conn = http.client.HTTPConnection(url.split("//")[1], timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(2 << 20))
+    conn.endheaders()
+    r = conn.getresponse()
+    err = json.loads(r.read())["error"]
+    assert r.status == 413 and err["message"] == "request body of 2097152 bytes exceeds 1048576"
+    conn.close()
+    assert c.post("/v1/classify", json={"model": "a0", "input": "x"}).status_code == 404
+    assert c.get("/v1/nothing").status_code == 404
+    assert c.get("/health").json()["status"] == "ok"
+    ok = c.post("/v1/completions", json={"model": "a0", "prompt": "still here",
+                                         "max_tokens": 2})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
 
 
 def test_list_load_and_unload_adapters(decoder_server):
     url, _ = decoder_server
-    with httpx.Client(base_url=url, timeout=120) as c:
-        listed = c.get("/v1/models").json()
-        assert {m["id"] for m in listed["data"]} == {"base", "a0", "a1", "a2", "s2"}
-        r = c.post("/v1/adapters", json={"name": "a1"})
-        assert r.status_code == 200 and r.json()["loaded"] is True
-        info = c.get("/v1/adapters").json()
-        assert {"name": "a1", "slot": r.json()["slot"], "pinned": True} in info["adapters"]
-        assert info["bytes_per_adapter"] == 2 * 7 * 16 * 4
-        assert c.delete("/v1/adapters/a1").json() == {"name": "a1", "loaded": False}
-        assert c.delete("/v1/adapters/a1").status_code == 404
-        assert c.delete("/v1/adapters/base").status_code == 422     # slot 0 stays
-        assert c.post("/v1/adapters", json={"name": "zz"}).status_code == 404
-        assert c.post("/v1/adapters", json={"name": "../x"}).status_code == 422
+    c = Client(url)
+    listed = c.get("/v1/models").json()
+    assert {m["id"] for m in listed["data"]} == {"base", "a0", "a1", "a2", "s2"}
+    r = c.post("/v1/adapters", json={"name": "a1"})
+    assert r.status_code == 200 and r.json()["loaded"] is True
+    info = c.get("/v1/adapters").json()
+    assert {"name": "a1", "slot": r.json()["slot"], "pinned": True} in info["adapters"]
+    assert info["bytes_per_adapter"] == 2 * 7 * 16 * 4
+    assert c.delete("/v1/adapters/a1").json() == {"name": "a1", "loaded": False}
+    assert c.delete("/v1/adapters/a1").status_code == 404
+    assert c.delete("/v1/adapters/base").status_code == 422     # slot 0 stays
+    assert c.post("/v1/adapters", json={"name": "zz"}).status_code == 404
+    assert c.post("/v1/adapters", json={"name": "../x"}).status_code == 422
 
 
 def test_concurrent_classification_equals_the_library(encoder_server, encoder_zoo):
@@ -170,7 +218,7 @@ def test_concurrent_classification_equals_the_library(encoder_server, encoder_zo
             np.testing.assert_allclose(row["logits"], want, rtol=1e-5, atol=1e-5)
             assert row["label"] == int(np.argmax(want))
             np.testing.assert_allclose(row["probs"], np.asarray(jax.nn.softmax(want)), atol=1e-6)
-    with httpx.Client(base_url=encoder_server, timeout=60) as c:
-        assert c.post("/v1/completions", json={"model": "e0", "prompt": "x"}).status_code == 404
-        r = c.post("/v1/classify", json={"model": "e0", "input": []})
-        assert r.status_code == 422
+    c = Client(encoder_server)
+    assert c.post("/v1/completions", json={"model": "e0", "prompt": "x"}).status_code == 404
+    r = c.post("/v1/classify", json={"model": "e0", "input": []})
+    assert r.status_code == 422
