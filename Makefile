@@ -18,7 +18,7 @@ GEMMA_STAMP := $(GEMMA)/.installed-$(shell echo '$(GEMMA_PKGS)' | sha1sum | cut 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test,reference]'
+	$(VPY) -m pip install -q -e '.[test,reference,serve]'
 	touch $@
 
 setup: $(STAMP)

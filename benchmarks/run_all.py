@@ -16,13 +16,15 @@ from benchmarks import (
     bench_adapter_size,
     bench_merge,
     bench_scaling,
+    bench_serving,
     bench_svd_init,
     bench_train_step,
     common,
 )
 
 MODULES = {"train_step": bench_train_step, "svd_init": bench_svd_init,
-           "adapter_size": bench_adapter_size, "merge": bench_merge, "scaling": bench_scaling}
+           "adapter_size": bench_adapter_size, "merge": bench_merge, "scaling": bench_scaling,
+           "serving": bench_serving}
 BENCHMARKS = {name: module.run for name, module in MODULES.items()}
 
 
@@ -52,6 +54,14 @@ def headline(results: dict) -> list[str]:
     if sc:
         lines.append("- LoRA-XS / floor time vs rank: " + ", ".join(
             f"r={p['rank']} {p['time_ratio']:.2f}" for p in sc["by_rank"]))
+    for name, r in results.get("serving", {}).get("models", {}).items():
+        tp, s = r["throughput"], r["store"]
+        most = max((k for k in tp["over_merged"] if k.startswith("bank-")),
+                   key=lambda k: int(k.split("-")[1]))
+        lines.append(f"- serving, {name} (r={r['rank']}): {most.split('-')[1]} distinct adapters "
+                     f"per batch / merged single model time {tp['over_merged'][most]:.2f}; "
+                     f"{r['memory']['bytes_per_adapter']:,} B per resident adapter; cold adapter "
+                     f"from a store of {s['adapters']:,}: p50 {s['cold_one_s']['p50'] * 1e3:.2f} ms")
     return lines
 
 

@@ -425,6 +425,84 @@ def _config_diff(a: LoraXSConfig, b: LoraXSConfig) -> dict[str, tuple]:
     return {k: (da[k], db[k]) for k in da if k not in ("r_std", "svd_batch") and da[k] != db[k]}
 
 
+def read_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfig | None = None,
+                 *, check_base: bool = True, memo: dict | None = None
+                 ) -> tuple[dict[str, Any], list[Target], dict[str, np.ndarray]]:
+    """Check an adapter file against a base exactly as :func:`load_adapter` does (the config,
+    the kernels its rows belong to, the base's fingerprint) and read its tensors, without
+    building the adapted tree: what a server that keeps many adapters over one base needs.
+
+    Args:
+      path: the adapter file.
+      base_params: the base (plain tree) the adapter must have been trained on.
+      cfg: if given, the stored config must agree with it (``r_std``, ``svd_batch`` aside).
+      check_base: refuse a base whose fingerprint differs (see :func:`load_adapter`).
+      memo: a dict shared across calls on the same ``base_params``: the targets, layout and
+        fingerprint a stored config selects on this base are then worked out once, so checking
+        a million files against one base costs one read of each (small) file: its checks and digest.
+    Returns:
+      (``adapter_info(path)`` plus ``"fingerprint_here"``, the targets at the stored ranks,
+      {leaf path: host array}): each ``<kernel>_loraxs_R`` as (*stack, r, r) and each stored
+      extra leaf (a head) by its path.
+    Raises:
+      ValueError naming the difference (config, kernels, fingerprint, tensor shapes).
+    """
+    info, stored_tensors = _read_adapter(path)      # the whole file checked before any work
+    stored: LoraXSConfig = info["config"]
+    if cfg is not None:
+        diff = _config_diff(stored, cfg)
+        if diff:
+            raise ValueError(f"adapter {path} was made with a different config: "
+                             + "; ".join(f"{k}: file {v[0]!r} vs given {v[1]!r}"
+                                         for k, v in diff.items()))
+    key = (json.dumps(stored.to_dict(), sort_keys=True),
+           json.dumps(info["geometry"], sort_keys=True))
+    if memo is None or key not in memo:
+        targets = find_targets(base_params, stored,
+                               _stored_geometries(info["geometry"], base_params, stored))
+        by_rank: dict[int, list[str]] = {}
+        for t in targets:
+            by_rank.setdefault(t.rank, []).append(t.name)
+        fp = fingerprint(base_params, stored, targets)
+        found = (targets, by_rank, {int(k): v for k, v in _layout(by_rank).items()}, fp)
+        if memo is not None:
+            memo[key] = found
+    targets, by_rank, here, fp = memo[key] if memo is not None else found
+    if here != info["adapted"]:
+        def show(layout):
+            return ", ".join(f"{v['kernels']} of rank {k}" for k, v in sorted(layout.items()))
+        raise ValueError(
+            f"adapter {path} does not fit these params: it holds R for {show(info['adapted'])} "
+            f"kernels, while its targets select {show(here)} here (or other paths: the digests "
+            f"differ); targets here include {sorted(t.name for t in targets)[:4]}")
+    info["fingerprint_here"] = fp
+    if check_base and fp != info["base_fingerprint"]:
+        raise ValueError(f"adapter {path} was trained on a different base model (fingerprint "
+                         f"{info['base_fingerprint']} vs {fp} for these params). Load the base it "
+                         "was made for, or pass check_base=False if the difference is intended.")
+    values: dict[str, np.ndarray] = {}
+    by_name = {t.name: t for t in targets}
+    for rank, kernels in by_rank.items():
+        stacked = stored_tensors.pop(f"{_R}{rank}", None)
+        if stacked is None or stacked.ndim != 3 or stacked.shape[1:] != (rank, rank):
+            raise ValueError(f"adapter {path}: {_R}{rank} is missing or not (matrices, {rank}, "
+                             f"{rank}) (got {None if stacked is None else stacked.shape})")
+        i = 0
+        for name in sorted(kernels):
+            shape = by_name[name].stack + (rank, rank)
+            n = int(np.prod(shape[:-2]))
+            if i + n > stacked.shape[0]:
+                raise ValueError(f"adapter {path}: {_R}{rank} of shape {stacked.shape} does not "
+                                 f"hold R for {name} (expected {shape})")
+            values[adapter_key(name, "R")] = stacked[i:i + n].reshape(shape)
+            i += n
+    leftover = [n for n in stored_tensors if n.startswith(_R)]
+    if leftover:
+        raise ValueError(f"adapter {path}: tensors {leftover} belong to no rank of its config")
+    values.update(stored_tensors)
+    return info, targets, values
+
+
 def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfig | None = None,
                  *, bases_cache: str | os.PathLike | None = None,
                  check_base: bool = True) -> Mapping:
@@ -434,7 +512,7 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
     Raises a ValueError naming the difference when the base's fingerprint is not the one the
     adapter was trained on (pass ``check_base=False`` to override, e.g. after a dtype cast), when
     ``cfg`` is given and differs from the stored config, or when tensors are missing or
-    mis-shaped.
+    mis-shaped (:func:`read_adapter` does these checks).
     """
     from flax import nnx as flax_nnx
 
@@ -444,54 +522,16 @@ def load_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
         tree = load_adapter(path, nnx.params(base_params), cfg, bases_cache=bases_cache,
                             check_base=check_base)
         return nnx.load_into(base_params, tree)
-    info, stored_tensors = _read_adapter(path)      # the whole file checked before any work
+    info, targets, values = read_adapter(path, base_params, cfg, check_base=check_base)
     stored: LoraXSConfig = info["config"]
-    if cfg is not None:
-        diff = _config_diff(stored, cfg)
-        if diff:
-            raise ValueError(f"adapter {path} was made with a different config: "
-                             + "; ".join(f"{k}: file {v[0]!r} vs given {v[1]!r}"
-                                         for k, v in diff.items()))
-    targets = find_targets(base_params, stored,
-                           _stored_geometries(info["geometry"], base_params, stored))
-    by_rank: dict[int, list[str]] = {}
-    for t in targets:
-        by_rank.setdefault(t.rank, []).append(t.name)
-    here = {int(k): v for k, v in _layout(by_rank).items()}
-    if here != info["adapted"]:
-        def show(layout):
-            return ", ".join(f"{v['kernels']} of rank {k}" for k, v in sorted(layout.items()))
-        raise ValueError(
-            f"adapter {path} does not fit these params: it holds R for {show(info['adapted'])} "
-            f"kernels, while its targets select {show(here)} here (or other paths: the digests "
-            f"differ); targets here include {sorted(t.name for t in targets)[:4]}")
-    fp = fingerprint(base_params, stored, targets)
-    if check_base and fp != info["base_fingerprint"]:
-        raise ValueError(f"adapter {path} was trained on a different base model (fingerprint "
-                         f"{info['base_fingerprint']} vs {fp} for these params). Load the base it "
-                         "was made for, or pass check_base=False if the difference is intended.")
+    fp = info["fingerprint_here"]
     bases = cached_bases(base_params, stored, bases_cache, fp, targets) if bases_cache else None
     adapted = insert(base_params, stored, targets, 0, bases)
     new = dict(flatten(adapted))
     paths = {path_str(p): p for p in new}
-    values: dict[str, np.ndarray] = {}
-    for rank, kernels in by_rank.items():
-        stacked = stored_tensors[f"{_R}{rank}"]
-        i = 0
-        for name in sorted(kernels):
-            leaf = unbox(new[paths[adapter_key(name, "R")]])
-            n = int(np.prod(leaf.shape[:-2]))
-            if stacked.shape[1:] != (rank, rank) or i + n > stacked.shape[0]:
-                raise ValueError(f"adapter {path}: {_R}{rank} of shape {stacked.shape} does not "
-                                 f"hold R for {name} (expected {leaf.shape})")
-            values[adapter_key(name, "R")] = stacked[i:i + n].reshape(leaf.shape)
-            i += n
-    for name, value in stored_tensors.items():
-        if not name.startswith(_R):
-            if name not in paths:
-                raise ValueError(f"adapter tensor {name} has no place in these params")
-            values[name] = value
     for name, value in values.items():
+        if name not in paths:
+            raise ValueError(f"adapter tensor {name} has no place in these params")
         p = paths[name]
         old = unbox(new[p])
         if tuple(value.shape) != tuple(old.shape):

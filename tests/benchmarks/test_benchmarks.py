@@ -153,6 +153,22 @@ def test_scaling_sane(smoke):
     assert smoke[1]["scaling"]["by_seq"]
 
 
+def test_serving_sane(smoke):
+    for r in smoke[1]["serving"]["models"].values():
+        tp = r["throughput"]
+        assert {"merged", "unmerged-1", "bank-1", "bank-16"} <= set(tp["median_s"])
+        assert all(_finite_positive(v) for v in tp["rows_per_s"].values())
+        mem = r["memory"]               # one slot holds R (r² per matrix, float32) and the head
+        assert mem["bytes_per_adapter"] == mem["r2_matrices_4"] + mem["head_bytes"]
+        assert mem["state_bytes_per_slot"] == mem["bytes_per_adapter"]
+        assert mem["file_bytes"] > mem["r2_matrices_4"]
+        assert r["load_file_s"]["p50"] > 0
+        s = r["store"]
+        assert s["adapters"] > 16 and s["row_bytes"] == mem["bytes_per_adapter"]
+        assert 0 < s["cold_one_s"]["p50"] <= s["cold_one_s"]["p99"]
+        assert s["million"]["store_bytes"] == s["row_bytes"] * 10**6
+
+
 def test_lora_baseline_against_numpy():
     s = common.llama_small(True)
     lora = common.lora_apply(s.params, s.targets, 4, 8.0, 0)
