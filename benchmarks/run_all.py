@@ -15,6 +15,7 @@ from pathlib import Path
 from benchmarks import (
     bench_adapter_size,
     bench_merge,
+    bench_million,
     bench_scaling,
     bench_serving,
     bench_svd_init,
@@ -24,7 +25,7 @@ from benchmarks import (
 
 MODULES = {"train_step": bench_train_step, "svd_init": bench_svd_init,
            "adapter_size": bench_adapter_size, "merge": bench_merge, "scaling": bench_scaling,
-           "serving": bench_serving}
+           "serving": bench_serving, "million": bench_million}
 BENCHMARKS = {name: module.run for name, module in MODULES.items()}
 
 
@@ -62,6 +63,13 @@ def headline(results: dict) -> list[str]:
                      f"per batch / merged single model time {tp['over_merged'][most]:.2f}; "
                      f"{r['memory']['bytes_per_adapter']:,} B per resident adapter; cold adapter "
                      f"from a store of {s['adapters']:,}: p50 {s['cold_one_s']['p50'] * 1e3:.2f} ms")
+    m = results.get("million")
+    if m:
+        lines.append(f"- {m['adapters']:,} adapters in one memory-mapped store "
+                     f"({m['store_bytes'] / 2**30:.2f} GiB): cold adapter p50 "
+                     f"{m['cold_one_s']['p50'] * 1e3:.2f} ms, p99 {m['cold_one_s']['p99'] * 1e3:.2f} "
+                     f"ms; a batch of {m['batch']['rows']} random adapters / all resident time "
+                     f"{m['batch']['cold_over_resident_time']:.2f}")
     return lines
 
 

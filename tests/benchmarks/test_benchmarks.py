@@ -169,6 +169,19 @@ def test_serving_sane(smoke):
         assert s["million"]["store_bytes"] == s["row_bytes"] * 10**6
 
 
+def test_million_sane(smoke):
+    """The store benchmark at smoke size: every adapter registered, its row r² x matrices x 4
+    bytes, the memory map on disk, cold adapters servable, both batches timed."""
+    m = smoke[1]["million"]
+    assert m["adapters"] == 3_000 and m["row_bytes"] == m["matrices"] * m["rank"] ** 2 * 4
+    assert m["store_bytes"] >= m["adapters"] * m["row_bytes"]
+    assert m["file_bytes"] > m["row_bytes"]
+    assert 0 < m["cold_one_s"]["p50"] <= m["cold_one_s"]["p99"] and m["cold_one_s"]["n"] == 200
+    assert _finite_positive(m["batch"]["cold_rows_per_s"])
+    assert _finite_positive(m["batch"]["resident_rows_per_s"])
+    assert m["rss"]["store_open"] > 0
+
+
 def test_lora_baseline_against_numpy():
     s = common.llama_small(True)
     lora = common.lora_apply(s.params, s.targets, 4, 8.0, 0)
