@@ -34,7 +34,12 @@ def test_dict_and_json_round_trip():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(init="kaiming"), "unknown init 'kaiming'; choose one of svd"),
-    (dict(svd_method="lanczos"), "unknown svd_method 'lanczos'; choose one of exact, randomized"),
+    (dict(svd_method="lanczos"), "unknown svd_method 'lanczos'; choose one of exact, randomized, "
+                                 "block_krylov"),
+    (dict(krylov_iters=0), "krylov_iters must be an int >= 1, got 0"),
+    (dict(krylov_iters=2.5), "krylov_iters must be an int >= 1, got 2.5"),
+    (dict(power_iters=-1), "power_iters must be an int >= 0, got -1"),
+    (dict(oversample=True), "oversample must be an int >= 0, got True"),
     (dict(rank=0), "rank must be a positive int, got 0"),
     (dict(rank={"q": -2}), "rank must be a positive int, got -2"),
     (dict(r_std=-1.0), "r_std must be >= 0"),
