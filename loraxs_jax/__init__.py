@@ -27,8 +27,8 @@ __version__ = "0.1.0"
 from loraxs_jax import nnx, parallel  # noqa: F401  (namespaces: loraxs_jax.nnx.apply, ...)
 from loraxs_jax.apply import apply, count
 from loraxs_jax.config import LoraXSConfig
+from loraxs_jax.intercept import wrap
 from loraxs_jax.io import load_adapter, save_adapter
-from loraxs_jax.linen import wrap
 from loraxs_jax.merge import merge, unmerge
 from loraxs_jax.partition import combine, masked, split
 

@@ -28,40 +28,57 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from loraxs_jax import svd as svd_lib
 from loraxs_jax.config import LoraXSConfig
+from loraxs_jax.geometry import Geometry
 from loraxs_jax.tree import flatten, leaf_role, path_str, shape_of, unbox
 
 
 class Target(NamedTuple):
-    """A kernel selected for LoRA-XS and how it is viewed as a (batch of) matrices."""
+    """A kernel selected for LoRA-XS, its geometry (how it is viewed as a batch of matrices) and
+    its rank."""
 
     path: tuple
     name: str                   # '/'-joined path
-    shape: tuple[int, ...]      # the kernel's full shape
-    stack: tuple[int, ...]      # leading axes of independent matrices
-    in_dims: tuple[int, ...]
-    out_dims: tuple[int, ...]
+    geometry: Geometry
     rank: int
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        return self.geometry.shape
+
+    @property
+    def stack(self) -> tuple[int, ...]:
+        """Sizes of the stack axes."""
+        return self.geometry.sizes(self.geometry.stack)
+
+    @property
+    def in_dims(self) -> tuple[int, ...]:
+        return self.geometry.sizes(self.geometry.inputs)
+
+    @property
+    def out_dims(self) -> tuple[int, ...]:
+        return self.geometry.sizes(self.geometry.outputs)
+
+    @property
     def m(self) -> int:
-        return math.prod(self.in_dims)
+        return self.geometry.m
 
     @property
     def n(self) -> int:
-        return math.prod(self.out_dims)
+        return self.geometry.n
 
     @property
     def count(self) -> int:
-        return math.prod(self.stack)
+        return self.geometry.count
 
 
-def find_targets(params: Mapping, cfg: LoraXSConfig) -> list[Target]:
-    """The kernels ``cfg`` adapts, with clear errors for everything that cannot be adapted."""
+def matching_kernels(params: Mapping, cfg: LoraXSConfig) -> dict[tuple, tuple[int, ...]]:
+    """{path: shape} of the leaves with ≥ 2 axes whose path a target regex searches, with clear
+    errors for targets that match nothing."""
     flat = flatten(params)
     if any(leaf_role(p[-1]) for p in flat):
         raise ValueError("these params already carry LoRA-XS leaves (*_loraxs_*): merge them "
                          "(loraxs_jax.merge) or start from the base params")
-    targets, matched_low_rank = [], []
+    found, matched_low_rank = {}, []
     for path, leaf in flat.items():
         name = path_str(path)
         if not cfg.is_target(name):
@@ -70,40 +87,68 @@ def find_targets(params: Mapping, cfg: LoraXSConfig) -> list[Target]:
         if len(shape) < 2:
             matched_low_rank.append(name)      # biases, norms: a regex like 'query' hits them too
             continue
-        n_stack = cfg.stacked_axes_for(name)
-        mat = shape[n_stack:]
-        if len(mat) < 2:
-            raise ValueError(f"{name} has shape {shape}; with stacked_axes={n_stack} no matrix is "
-                             "left to adapt")
-        if len(mat) == 2:
-            n_in = 1
-        else:
-            n_in = cfg.in_axes_for(name)
-            if n_in is None:
-                raise ValueError(
-                    f"{name} has shape {shape}: {len(mat)} matrix axes (DenseGeneral/Einsum). "
-                    "LoRA-XS needs a matrix: set LoraXSConfig.in_axes (how many of these axes are "
-                    "inputs; the kernel is then viewed as (prod(inputs), prod(outputs))) or "
-                    "stacked_axes (leading axes of independent matrices, e.g. nn.scan layers)")
-            if not 1 <= n_in < len(mat):
-                raise ValueError(f"in_axes={n_in} for {name} of matrix shape {mat}: must be in "
-                                 f"[1, {len(mat) - 1}]")
-        r = cfg.rank_for(name)
-        t = Target(path, name, shape, shape[:n_stack], mat[:n_in], mat[n_in:], r)
-        if r > min(t.m, t.n):
-            raise ValueError(f"rank {r} exceeds min(in, out)={min(t.m, t.n)} for {name} "
-                             f"(matrix {t.m}x{t.n}); lower the rank for this target")
-        targets.append(t)
-    if not targets:
+        found[path] = shape
+    if not found:
         kernels = [path_str(p) for p, v in flat.items() if len(shape_of(v)) >= 2]
         hint = f" (they matched only 1-D params: {matched_low_rank[:3]})" if matched_low_rank else ""
         raise ValueError(
             f"targets {list(cfg.targets)} matched no kernel{hint}. Some kernel paths in these "
             f"params: {kernels[:8]}{' ...' if len(kernels) > 8 else ''}")
-    unused = [t for t in cfg.targets if not any(re.search(t, x.name) for x in targets)]
+    names = [path_str(p) for p in found]
+    unused = [t for t in cfg.targets if not any(re.search(t, x) for x in names)]
     if unused:
         raise ValueError(f"target patterns {unused} matched no kernel (others matched "
-                         f"{len(targets)}); e.g. kernels: {[x.name for x in targets[:4]]}")
+                         f"{len(found)}); e.g. kernels: {names[:4]}")
+    return found
+
+
+def configured_geometry(name: str, shape: tuple[int, ...], cfg: LoraXSConfig) -> Geometry:
+    """The geometry ``cfg`` gives a kernel without a trace: ``stacked_axes`` leading axes, then
+    a 2-D (in, out) matrix, or ``in_axes`` input axes for more."""
+    n_stack = cfg.stacked_axes_for(name)
+    mat = shape[n_stack:]
+    if len(mat) < 2:
+        raise ValueError(f"{name} has shape {shape}; with stacked_axes={n_stack} no matrix is "
+                         "left to adapt")
+    n_in = 1 if len(mat) == 2 else cfg.in_axes_for(name)
+    if n_in is None:
+        raise ValueError(
+            f"{name} has shape {shape}: {len(mat)} matrix axes (DenseGeneral/Einsum). LoRA-XS "
+            "needs to know which axes the model contracts: pass forward= to loraxs_jax.apply "
+            "(the geometry is then read from the model's own contraction), or set "
+            "LoraXSConfig.in_axes (how many leading axes are inputs) and stacked_axes (leading "
+            "axes of independent matrices, e.g. nn.scan layers)")
+    if not 1 <= n_in < len(mat):
+        raise ValueError(f"in_axes={n_in} for {name} of matrix shape {mat}: must be in "
+                         f"[1, {len(mat) - 1}]")
+    return Geometry.leading(shape, n_stack, n_in)
+
+
+def find_targets(params: Mapping, cfg: LoraXSConfig,
+                 geometries: Mapping[str, Geometry] | None = None) -> list[Target]:
+    """The kernels ``cfg`` adapts, with clear errors for everything that cannot be adapted.
+
+    ``geometries`` ({path: Geometry}, from ``intercept.discover`` via ``apply(forward=...)``)
+    override the config's rule; a config that says otherwise for a kernel is an error."""
+    targets = []
+    for path, shape in matching_kernels(params, cfg).items():
+        name = path_str(path)
+        if geometries is not None and name in geometries:
+            g = geometries[name]
+            if cfg.in_axes_for(name) is not None:      # (stacked_axes were trace hints)
+                want = configured_geometry(name, shape, cfg)
+                if want != g:
+                    raise ValueError(f"{name}: LoraXSConfig.in_axes/stacked_axes describe it as "
+                                     f"{want}, but the model contracts it as {g}; drop those "
+                                     "settings for it (the trace knows), or fix them")
+        else:
+            g = configured_geometry(name, shape, cfg)
+        r = cfg.rank_for(name)
+        t = Target(path, name, g, r)
+        if r > min(t.m, t.n):
+            raise ValueError(f"rank {r} exceeds min(in, out)={min(t.m, t.n)} for {name} "
+                             f"(matrix {t.m}x{t.n}); lower the rank for this target")
+        targets.append(t)
     return targets
 
 
@@ -144,7 +189,8 @@ def _bases_for_matrices(w: jax.Array, keys: jax.Array, rank: int, cfg: LoraXSCon
 
 def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | None = None
                   ) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{kernel path: (A, B)} in float32, shaped (*stack, *in_dims, r) and (*stack, r, *out_dims).
+    """{kernel path: (A, B)} in float32, canonical: (*stack, *in_dims, r) and
+    (*stack, r, *out_dims) (``Geometry.store`` gives the layout a param tree keeps).
 
     Same-shaped matrices are SVD'd together (in equal chunks of at most ``svd_batch``, vmapped
     and jitted: one compiled program per shape). For kernels placed on a mesh of several
@@ -154,6 +200,11 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
     block-Krylov SVDs and of the random inits comes from ``cfg.bases_seed`` and the kernel's
     path, so the config alone determines A and B for a given W.
     """
+    if cfg.init == "given":
+        raise ValueError("init='given': A and B came with the adapter (e.g. imported from the "
+                         "official LoRA-XS code) and cannot be recomputed from W; pass them as "
+                         "apply(..., bases=...) or load_adapter(..., bases_cache=<the folder the "
+                         "importer wrote>)")
     targets = find_targets(params, cfg) if targets is None else targets
     flat = flatten(params)
     base_key = jax.random.key(cfg.bases_seed)
@@ -161,13 +212,13 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
     for t in targets:
         groups.setdefault((t.m, t.n, t.rank), []).append(t)
     out: dict[str, tuple[jax.Array, jax.Array]] = {}
-    for (m, n, r), ts in groups.items():
+    for (_, _, r), ts in groups.items():
         mats, keys = [], []
         split = None          # NamedSharding splitting a batch of whole matrices over the mesh
         for t in ts:
             w = jnp.asarray(unbox(flat[t.path]))
             split = split or matrix_batch_sharding(w)
-            w = (w if split else gathered(w)).reshape((t.count, m, n))
+            w = t.geometry.matrices(w if split else gathered(w))
             k = path_key(base_key, t.name)
             for i in range(t.count):
                 mats.append(w[i])

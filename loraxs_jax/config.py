@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
 from loraxs_jax.svd import METHODS as SVD_METHODS
 
-INITS = ("svd", "svd_no_sigma", "svd_bottom", "random", "svd_random")
+INITS = ("svd", "svd_no_sigma", "svd_bottom", "random", "svd_random", "given")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +39,10 @@ class LoraXSConfig:
         "svd_bottom"   the last r singular triplets instead of the first (App. G);
         "random"       Kaiming-uniform A (bound 1/√in) and B (bound 1/√r), PyTorch nn.Linear's
                        default, as in the official code's random-init ablation (Table 4);
-        "svd_random"   SVD ("svd" rule) of a Gaussian matrix of W's shape and std (Table 4).
+        "svd_random"   SVD ("svd" rule) of a Gaussian matrix of W's shape and std (Table 4);
+        "given"        A and B come with the adapter and cannot be recomputed from W (an
+                       imported official LoRA-XS checkpoint: its randomized SVD is not
+                       reproducible); pass them as ``apply(..., bases=)`` or a bases cache.
       r_std: R ~ N(0, r_std²); the paper uses 1e-5. 0 gives R = 0 (adapted model = base model).
       svd_method: "exact" (jnp.linalg.svd), "randomized" (Halko et al. 2011 subspace
         iteration, as the paper) or "block_krylov" (Musco & Musco 2015 block Lanczos: on the
@@ -87,40 +94,29 @@ class LoraXSConfig:
     svd_batch: int = 32
 
     def __post_init__(self):
-        if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", (self.targets,))
-        object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "trainable", tuple(
-            (self.trainable,) if isinstance(self.trainable, str) else self.trainable))
-        for field in ("rank", "in_axes", "stacked_axes"):
-            v = getattr(self, field)
-            if isinstance(v, Mapping):
-                object.__setattr__(self, field, tuple((str(k), int(x)) for k, x in v.items()))
+        """Refuse any field we could not honour, naming it, its value and what is allowed
+        (a NaN α or a rank of 4.5 would otherwise train a silently wrong or truncated model)."""
+        def set_(name, value):   # the dataclass is frozen
+            object.__setattr__(self, name, value)
+
+        set_("targets", _regexes("targets", self.targets))
+        set_("trainable", _regexes("trainable", self.trainable))
         if not self.targets:
             raise ValueError("LoraXSConfig.targets is empty: give regexes of the kernels to adapt, "
                              "e.g. targets=(r'(q|v)_proj/kernel$',)")
-        for pattern in self.targets + self.trainable + tuple(
-                k for f in ("rank", "in_axes", "stacked_axes")
-                if isinstance(getattr(self, f), tuple) for k, _ in getattr(self, f)):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"bad regex {pattern!r} in LoraXSConfig: {e}") from None
-        if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
-        if self.svd_method not in SVD_METHODS:
-            raise ValueError(f"unknown svd_method {self.svd_method!r}; choose one of "
-                             f"{', '.join(SVD_METHODS)}")
-        for field, least in (("oversample", 0), ("power_iters", 0), ("krylov_iters", 1)):
-            v = getattr(self, field)
-            if not isinstance(v, int) or isinstance(v, bool) or v < least:
-                raise ValueError(f"{field} must be an int >= {least}, got {v!r}")
-        ranks = [r for _, r in self.rank] if isinstance(self.rank, tuple) else [self.rank]
-        for r in ranks:
-            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-                raise ValueError(f"rank must be a positive int, got {r!r}")
-        if self.r_std < 0:
-            raise ValueError(f"r_std must be >= 0, got {self.r_std}")
+        set_("rank", _per_kernel("rank", self.rank, 1))
+        set_("in_axes", None if self.in_axes is None else _per_kernel("in_axes", self.in_axes, 1))
+        set_("stacked_axes", _per_kernel("stacked_axes", self.stacked_axes, 0))
+        set_("alpha", _real("alpha", self.alpha, positive=True))
+        set_("r_std", _real("r_std", self.r_std, positive=False))
+        for name, minimum in (("oversample", 0), ("power_iters", 0), ("krylov_iters", 1),
+                              ("bases_seed", 0), ("svd_batch", 1)):
+            set_(name, _integer(name, getattr(self, name), minimum))
+        _choice("init", self.init, INITS)
+        _choice("svd_method", self.svd_method, SVD_METHODS)
+        set_("r_dtype", _float_dtype("r_dtype", self.r_dtype))
+        if self.bases_dtype is not None:
+            set_("bases_dtype", _float_dtype("bases_dtype", self.bases_dtype))
 
     # -- per-kernel lookups ------------------------------------------------------------------
     def is_target(self, path: str) -> bool:
@@ -178,3 +174,76 @@ class LoraXSConfig:
         return {k: d[k] for k in ("rank", "targets", "init", "svd_method", "oversample",
                                   "power_iters", "krylov_iters", "bases_dtype", "in_axes",
                                   "stacked_axes", "bases_seed")}
+
+
+# ----------------------------------------------------------------------------- field checks
+def _bad(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"LoraXSConfig.{field}={value!r}: {allowed}")
+
+
+def _integer(field: str, value: Any, minimum: int) -> int:
+    """An int >= ``minimum`` (numpy ints too); bools, floats such as 4.5 and strings refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise _bad(field, value, f"expected an int >= {minimum}")
+    return int(value)
+
+
+def _real(field: str, value: Any, positive: bool) -> float:
+    """A finite real number, > 0 (``positive``) or >= 0; bools and strings refused."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+          and math.isfinite(value) and (value > 0 if positive else value >= 0))
+    if not ok:
+        raise _bad(field, value, f"expected a finite number {'>' if positive else '>='} 0")
+    return float(value)
+
+
+def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _bad(field, value, f"unknown; choose one of {', '.join(choices)}")
+
+
+def _regex(field: str, pattern: Any) -> str:
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"LoraXSConfig.{field} {pattern!r}: expected a non-empty regex string")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"bad regex {pattern!r} in LoraXSConfig.{field}: {e}") from None
+    return pattern
+
+
+def _regexes(field: str, value: Any) -> tuple[str, ...]:
+    """A regex or a sequence of them, as a tuple."""
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (tuple, list)):
+        raise _bad(field, value, "expected a regex string or a sequence of them")
+    return tuple(_regex(field, p) for p in value)
+
+
+def _per_kernel(field: str, value: Any, minimum: int) -> int | tuple[tuple[str, int], ...]:
+    """An int >= ``minimum``, or a non-empty {regex: int} mapping stored as a tuple of pairs."""
+    if isinstance(value, Mapping) or (isinstance(value, tuple) and value
+                                      and all(isinstance(x, tuple) for x in value)):
+        pairs = tuple(value.items()) if isinstance(value, Mapping) else value
+        if not pairs:
+            raise _bad(field, value, "an empty mapping gives no kernel a value")
+        return tuple((_regex(f"{field} key", k), _integer(f"{field}[{k!r}]", v, minimum))
+                     for k, v in pairs)
+    return _integer(field, value, minimum)
+
+
+def _float_dtype(field: str, value: Any) -> str:
+    """The name of a real floating dtype ("float32", "bfloat16", ...; a dtype object is
+    accepted and stored by name, so the config stays JSON)."""
+    dtype = None
+    if value is not None and not isinstance(value, bool) and not (isinstance(value, str)
+                                                                  and not value):
+        try:
+            dtype = jnp.dtype(value)
+        except (TypeError, ValueError):
+            pass
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise _bad(field, value, "expected the name of a floating dtype, e.g. 'float32' or "
+                                 "'bfloat16'")
+    return dtype.name

@@ -6,11 +6,26 @@ import functools
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from loraxs_jax.delta import merged_kernel
+from loraxs_jax.geometry import Geometry
 from loraxs_jax.parallel.jit import hashable
 from loraxs_jax.tree import SUFFIX, adapted_kernels, flatten, leaf_role, path_str, unflatten
+
+
+def delta_weight(w_shape: tuple[int, ...], a: jax.Array, r: jax.Array, b: jax.Array,
+                 scale: jax.Array) -> jax.Array:
+    """ΔW = (α/r)·A·R·B in float32, in the shape and axis order of a kernel of ``w_shape``, from
+    its stored LoRA-XS leaves (their shapes carry the geometry, ``geometry.py``)."""
+    return Geometry.from_leaves(w_shape, a.shape, b.shape, r.shape).delta(a, r, b, scale)
+
+
+def merged_kernel(w: jax.Array, a: jax.Array, r: jax.Array, b: jax.Array, scale: jax.Array,
+                  sign: float = 1.0) -> jax.Array:
+    """W ± ΔW computed in float32 and cast back to W's dtype (``sign=-1`` unmerges)."""
+    d = delta_weight(tuple(w.shape), a, r, b, scale)
+    return (w.astype(jnp.float32) + sign * d).astype(w.dtype)
 
 
 def _merged_kernels(kernels: dict, adapters: dict) -> dict:
@@ -47,7 +62,8 @@ def merge(params: Mapping, donate: bool = False, out_shardings: Mapping | None =
           ) -> Mapping:
     """A plain param tree, structured like the tree given to ``apply``, with each adapted kernel
     replaced by W + (α/r)·A·R·B (float32 accumulation, cast to W's dtype) and the LoRA-XS leaves
-    removed. The merged model runs with zero extra latency.
+    removed. The merged model runs with zero extra latency. An adapted NNX module gives a plain
+    module of its original class (``loraxs_jax.nnx.merge``).
 
     Jitted as one program over all adapted kernels. When the inputs are placed with
     ``NamedSharding``s (e.g. ``sharding.shard_params`` with ``sharding.adapted_shardings``) the
@@ -63,6 +79,12 @@ def merge(params: Mapping, donate: bool = False, out_shardings: Mapping | None =
         (e.g. ``sharding.param_shardings`` for a serving mesh of another shape): each kernel is
         merged in its W's layout and then moved into this one, one array at a time.
     """
+    from flax import nnx as flax_nnx
+
+    if isinstance(params, flax_nnx.Module):
+        from loraxs_jax import nnx
+
+        return nnx.merge(params)
     found = adapted_kernels(params)
     if not found:
         raise ValueError("no LoRA-XS leaves (*_loraxs_R) in these params: nothing to merge")

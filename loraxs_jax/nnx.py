@@ -1,28 +1,29 @@
-"""LoRA-XS for flax NNX models, in the same verbs as for linen param trees.
+"""LoRA-XS for flax NNX models, through the same verbs as for linen param trees.
 
-``apply(model, cfg)`` returns a copy of the model whose targeted ``nnx.Linear`` are
-``LoraXSLinear`` (an ``nnx.Linear`` with four more variables and the extra term); ``merge``
-turns them back into plain ``nnx.Linear`` with merged kernels; ``save_adapter``/``load_adapter``
-read and write the same files as the linen verbs. Train R alone with
-``nnx.Optimizer(model, tx, wrt=LoraXSR)``.
+``loraxs_jax.apply(module, cfg, rng)`` returns an adapted copy of the module: each targeted
+weight (any ``nnx.Param`` the model contracts: ``nnx.Linear``, ``nnx.LinearGeneral``,
+``nnx.Einsum`` or a custom module's) gets sibling variables ``<name>_loraxs_{A,B,scale}``
+(:class:`LoraXSBasis`, frozen) and ``<name>_loraxs_R`` (:class:`LoraXSR`, trained) on the module
+that owns it, so ``nnx.state(adapted)`` has exactly the layout of an adapted linen tree. Calling
+the adapted module runs its own ``__call__`` with the LoRA-XS term added at every contraction of
+an adapted weight (``intercept.replay``, the same mechanism as ``loraxs_jax.wrap``); other
+methods run adapted through ``loraxs_jax.wrap(lambda m, x: m.encode(x))(adapted, x)``.
+
+Train R alone with ``nnx.Optimizer(model, tx, wrt=LoraXSR)`` and
+``nnx.grad(loss, argnums=nnx.DiffState(0, LoraXSR))``. ``loraxs_jax.merge(adapted)`` returns a
+plain module of the original class with W' = W + (α/r)·A·R·B; ``loraxs_jax.save_adapter`` and
+``loraxs_jax.load_adapter`` read and write the same files as for linen.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 from flax import nnx
 
-from loraxs_jax import apply as apply_lib
-from loraxs_jax import io
-from loraxs_jax.config import LoraXSConfig
-from loraxs_jax.delta import loraxs_delta, merged_kernel
-from loraxs_jax.tree import ROLES, adapter_key, path_str
-
-KERNEL = "kernel"
+from loraxs_jax.tree import flatten, leaf_role, unflatten
 
 
 class LoraXSBasis(nnx.Variable):
@@ -31,118 +32,125 @@ class LoraXSBasis(nnx.Variable):
 
 
 class LoraXSR(nnx.Param):
-    """The trainable r×r matrix. Train with ``wrt=LoraXSR``."""
+    """The trainable r×r matrix (an ``nnx.Param``). Train with ``wrt=LoraXSR``."""
 
 
-class LoraXSLinear(nnx.Linear):
-    """``nnx.Linear`` + (α/r)·((x·A)·R)·B. Made by ``apply`` from an existing Linear."""
-
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        y = super().__call__(inputs)
-        d = loraxs_delta(inputs, self.kernel_loraxs_A[...], self.kernel_loraxs_R[...],
-                         self.kernel_loraxs_B[...], self.kernel_loraxs_scale[...],
-                         dtype=self.dtype)
-        return y + d.astype(y.dtype)
+def params(module: nnx.Module) -> dict:
+    """The module's variables as a plain nested dict (``nnx.to_pure_dict``): the tree form
+    ``count``, ``save_adapter`` and ``fingerprint`` read, as for linen."""
+    return nnx.to_pure_dict(nnx.state(module))
 
 
-def _swap_class(obj: nnx.Module, cls: type, drop: Sequence[str] = ()) -> nnx.Module:
-    """A new module of ``cls`` sharing ``obj``'s variables (no array is copied)."""
-    new = object.__new__(cls)
-    for k, v in vars(obj).items():
-        object.__setattr__(new, k, v)
-    for k in drop:
-        delattr(new, k)
-    return new
+def is_adapted(module: nnx.Module) -> bool:
+    return getattr(type(module), "loraxs_base", None) is not None
 
 
-def _set_child(root: nnx.Module, path: tuple, value: Any) -> None:
-    parent = root
-    for k in path[:-1]:
-        parent = parent[k] if isinstance(k, int) or not hasattr(parent, str(k)) else getattr(
-            parent, str(k))
-    last = path[-1]
-    if isinstance(last, int) or not hasattr(parent, str(last)):
-        parent[last] = value
-    else:
-        setattr(parent, str(last), value)
+@functools.cache
+def _adapted_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` is ``cls.__call__`` with LoRA-XS added."""
+
+    def __call__(self, *args, **kwargs):
+        return call(self, cls.__call__, *args, **kwargs)
+
+    return type(f"LoraXS{cls.__name__}", (cls,), {
+        "__call__": __call__, "loraxs_base": cls, "__module__": cls.__module__,
+        "__doc__": f"{cls.__name__} with LoRA-XS (loraxs_jax.nnx)."})
 
 
-def _copy(model: nnx.Module) -> nnx.Module:
+def _owner(root: nnx.Module, path: tuple) -> Any:
+    node = root
+    for k in path:
+        node = node[k] if isinstance(k, int) or not hasattr(node, str(k)) else getattr(
+            node, str(k))
+    return node
+
+
+def _copy(module: nnx.Module) -> nnx.Module:
     """A structurally new module tree sharing the same arrays (jax arrays are immutable)."""
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(module)
     return nnx.merge(graphdef, state)
 
 
-def _linears(model: nnx.Module, cls: type = nnx.Linear) -> dict[tuple, nnx.Linear]:
-    return {tuple(p): m for p, m in nnx.iter_modules(model) if isinstance(m, cls) and p}
+def apply(module: nnx.Module, cfg: Any, rng: Any = 0, *, bases: Mapping | None = None,
+          forward: Callable[[nnx.Module], Any] | None = None) -> nnx.Module:
+    """An adapted copy of ``module`` (see the module docstring); ``loraxs_jax.apply`` on an NNX
+    module lands here. ``forward(module)`` runs the model on example inputs (e.g.
+    ``lambda m: m(x)``) so each weight's geometry is read from its contraction."""
+    from loraxs_jax.apply import apply as apply_params
+
+    if is_adapted(module):
+        raise ValueError("this module is already adapted (LoRA-XS variables present): merge it "
+                         "(loraxs_jax.merge) or start from the base module")
+    graphdef, _ = nnx.split(module)
+    tree = params(module)
+    fwd = None if forward is None else (lambda p: forward(nnx.merge(graphdef, p)))
+    adapted = apply_params(tree, cfg, rng, bases=bases, forward=fwd)
+    return _with_adapters(module, adapted)
 
 
-def params(model: nnx.Module) -> dict:
-    """The model's variables as a plain nested dict (``nnx.state(model).to_pure_dict()``), the
-    tree form ``count``, ``save_adapter`` and ``fingerprint`` read."""
-    return nnx.state(model).to_pure_dict()
+def _with_adapters(module: nnx.Module, adapted: Mapping) -> nnx.Module:
+    """A copy of the plain ``module`` carrying the LoRA-XS leaves of the adapted tree."""
+    new = _copy(module)
+    for path, value in flatten(adapted).items():
+        role = leaf_role(path[-1])
+        if role:
+            kind = LoraXSR if role[1] == "R" else LoraXSBasis
+            setattr(_owner(new, path[:-1]), str(path[-1]), kind(value))
+    new.__class__ = _adapted_class(type(new))
+    return new
 
 
-def apply(model: nnx.Module, cfg: LoraXSConfig, rng: Any = 0) -> nnx.Module:
-    """A copy of ``model`` whose targeted ``nnx.Linear`` are ``LoraXSLinear``.
+def call(module: nnx.Module, method: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``method(module, *args, **kwargs)`` with LoRA-XS active: the module's state goes through
+    ``intercept.replay`` as a param tree; variables the method updates (caches, batch
+    statistics, RNG counts) are written back to ``module``."""
+    from loraxs_jax.intercept import AdaptError, adapters_of, replay
 
-    Targets are matched against '<module path>/kernel'. The input model is not modified.
-    """
-    model = _copy(model)
-    linears = _linears(model)
-    kernels = {(*p, KERNEL): lin.kernel[...] for p, lin in linears.items()}
-    others = [path_str(p) for p, m in nnx.iter_modules(model)
-              if p and not isinstance(m, nnx.Linear) and hasattr(m, "kernel")]
-    tree: dict = {}
-    for path, k in kernels.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(str(key), {})
-        node[path[-1]] = k
-    try:
-        adapted = apply_lib.apply(tree, cfg, rng)
-    except ValueError as e:
-        if others and "matched no kernel" in str(e):
-            raise ValueError(f"{e}. Note: NNX adaptation covers nnx.Linear only; these modules "
-                             f"hold kernels but are not nnx.Linear: {others[:5]}") from None
-        raise
-    for path, lin in linears.items():
-        node = adapted
-        for key in path:
-            node = node[str(key)]
-        if adapter_key(KERNEL, "R") not in node:
-            continue
-        new = _swap_class(lin, LoraXSLinear)
-        for role in ("A", "B", "scale"):
-            setattr(new, adapter_key(KERNEL, role), LoraXSBasis(node[adapter_key(KERNEL, role)]))
-        new.kernel_loraxs_R = LoraXSR(node[adapter_key(KERNEL, "R")])
-        _set_child(model, path, new)
-    return model
+    graphdef, state = nnx.split(module)
+    tree = nnx.to_pure_dict(state)
+    _, adapters = adapters_of(tree)
+    if not adapters:
+        raise AdaptError(f"{type(module).__name__} holds no LoRA-XS variables: adapt it with "
+                         "loraxs_jax.apply(module, cfg) first")
+    frozen = nnx.Not(nnx.Any(nnx.Param, LoraXSBasis))
+
+    def run(tree, *a, **k):
+        m = nnx.merge(graphdef, tree)
+        out = method(m, *a, **k)
+        return out, nnx.to_pure_dict(nnx.state(m, frozen))
+
+    out, updates = replay(run, tree, adapters, args, kwargs)
+    if flatten(updates):
+        nnx.update(module, updates)
+    return out
 
 
-def merge(model: nnx.Module) -> nnx.Module:
-    """A copy of an NNX model with every ``LoraXSLinear`` merged back into a plain ``nnx.Linear``
-    (W' = W + (α/r)·A·R·B)."""
-    model = _copy(model)
-    for path, lin in _linears(model, LoraXSLinear).items():
-        w = merged_kernel(lin.kernel[...], lin.kernel_loraxs_A[...], lin.kernel_loraxs_R[...],
-                          lin.kernel_loraxs_B[...], lin.kernel_loraxs_scale[...])
-        new = _swap_class(lin, nnx.Linear, [adapter_key(KERNEL, r) for r in ROLES])
-        new.kernel = nnx.Param(w)
-        _set_child(model, path, new)
-    return model
+def merge(module: nnx.Module) -> nnx.Module:
+    """A plain module of the original class with every adapted weight merged
+    (W' = W + (α/r)·A·R·B) and the LoRA-XS variables removed; ``loraxs_jax.merge`` on an NNX
+    module lands here."""
+    from loraxs_jax.merge import merge as merge_params
+
+    if not is_adapted(module):
+        raise ValueError(f"{type(module).__name__} holds no LoRA-XS variables: nothing to merge")
+    merged = flatten(merge_params(params(module)))
+    new = _copy(module)
+    new.__class__ = type(module).loraxs_base
+    for path in flatten(params(module)):
+        if leaf_role(path[-1]):
+            delattr(_owner(new, path[:-1]), str(path[-1]))
+    graphdef, state = nnx.split(new)
+    nnx.replace_by_pure_dict(state, unflatten(merged))
+    return nnx.merge(graphdef, state)
 
 
-def save_adapter(path: str | os.PathLike, model: nnx.Module, cfg: LoraXSConfig, **kwargs):
-    """``loraxs_jax.save_adapter`` for an adapted NNX model (same file format)."""
-    return io.save_adapter(path, params(model), cfg, **kwargs)
-
-
-def load_adapter(path: str | os.PathLike, model: nnx.Module, **kwargs) -> nnx.Module:
-    """An adapted copy of the NNX ``model`` with the adapter file's R's (and extras) in place;
-    checks the base fingerprint and config like ``loraxs_jax.load_adapter``."""
-    loaded = io.load_adapter(path, params(model), **kwargs)
-    adapted = apply(model, io.adapter_info(path)["config"])
-    graphdef, state = nnx.split(adapted)
-    state.replace_by_pure_dict(loaded)
+def load_into(module: nnx.Module, adapted: Mapping) -> nnx.Module:
+    """The plain NNX ``module`` adapted with the LoRA-XS leaves (and any other values) of an
+    adapted tree of its params (what ``loraxs_jax.load_adapter`` returns for it)."""
+    if is_adapted(module):
+        raise ValueError("load an adapter into the base module, not an adapted one "
+                         "(loraxs_jax.merge it, or start from the base)")
+    new = _with_adapters(module, adapted)
+    graphdef, state = nnx.split(new)
+    nnx.replace_by_pure_dict(state, adapted)
     return nnx.merge(graphdef, state)

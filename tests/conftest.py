@@ -97,6 +97,27 @@ def tiny_config(folder, **over):
     return c
 
 
+def with_values(config, **fields):
+    """A copy of ``config`` with dotted ``fields`` set to values of any type: what a config file
+    can do (set a field to None, then to anything), for the validator to refuse."""
+    import ml_collections
+
+    d = config.to_dict()
+    for field, value in fields.items():
+        node = d
+        *sections, leaf = field.split(".")
+        for s in sections:
+            node = node[s]
+        node[leaf] = value
+    return ml_collections.ConfigDict(d)
+
+
+@pytest.fixture(name="with_values", scope="session")
+def with_values_fixture():
+    """``with_values(config, **dotted_fields)`` (see :func:`with_values`)."""
+    return with_values
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))

@@ -77,7 +77,7 @@ def test_sharded_kernel_gives_adapters_the_derived_sharding():
 
 
 def test_bad_config_and_trees(small_params):
-    with pytest.raises(ValueError, match="unknown init 'kaiming'; choose one of svd"):
+    with pytest.raises(ValueError, match="init='kaiming': unknown; choose one of svd"):
         lx.LoraXSConfig(targets=("q",), init="kaiming")
     with pytest.raises(ValueError, match="targets is empty"):
         lx.LoraXSConfig()

@@ -17,6 +17,6 @@ def test_all_equals_the_readme_list(repo):
 
 
 def test_namespaces_are_reachable():
-    assert callable(lx.nnx.apply) and callable(lx.nnx.merge) and callable(lx.nnx.load_adapter)
+    assert callable(lx.nnx.apply) and callable(lx.nnx.merge) and callable(lx.nnx.call)
     assert callable(lx.parallel.make_mesh) and callable(lx.parallel.jit_train_step)
     assert callable(lx.io.adapter_info) and callable(lx.io.fingerprint)

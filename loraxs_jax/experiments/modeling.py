@@ -93,7 +93,9 @@ def build_model(config: ml_collections.ConfigDict, num_labels: int = 2) -> Model
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     path = resolve_path(m.path)
     if fam.kind == "encoder":
-        options = {"scan_layers": m.scan_layers, "remat": m.remat, "param_dtype": param_dtype}
+        # the encoder rematerialises whole layers or nothing ("none" is a truthy string)
+        options = {"scan_layers": m.scan_layers, "remat": m.remat != "none",
+                   "param_dtype": param_dtype}
         if m.dropout >= 0:
             options.update(hidden_dropout=m.dropout, attention_dropout=m.dropout)
         cfg, params = encoder.load_encoder(path, num_labels=num_labels, head=m.head, dtype=dtype,

@@ -39,6 +39,7 @@ from loraxs_jax.experiments.cli import importable_configs
 from loraxs_jax.experiments.lm_tasks import causal_lm_loss
 from loraxs_jax.experiments.methods import lora_config_from
 from loraxs_jax.experiments.tasks import classification_loss
+from loraxs_jax.experiments.validate import ConfigError, validate
 from loraxs_jax.models import decoder, encoder, presets
 from loraxs_jax.tree import adapter_key, flatten, leaf_role, unflatten
 
@@ -379,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     importable_configs(argv)
     fl(argv)
     if fl.config is not None:
+        validate(fl.config, partial=True)      # plan reads only some fields
         return plan_from_config(fl.config, fl.devices, fl.compile)
     model = _model_from({"model": fl.model})
     targets = decoder.PAPER_TARGETS if isinstance(model, decoder.DecoderConfig) else (
@@ -405,7 +407,10 @@ def _set_virtual_devices(argv: list[str]) -> None:
 def cli_main() -> None:
     """``loraxs-plan``: see the module docstring."""
     _set_virtual_devices(sys.argv)
-    main()
+    try:
+        main()
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -12,11 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loraxs_jax.experiments import train
+from loraxs_jax.experiments.validate import ConfigError, validate
 
 
 def sweep(config, workdir: str | Path, seeds: int) -> dict:
     """Train ``seeds`` runs (seed 0..seeds-1) in workdir/seed_<k>; runs already finished are
-    read back from their summary.json, so a sweep resumes too."""
+    read back from their summary.json, so a sweep resumes too. The config is validated before
+    the first run starts."""
+    validate(config)
     workdir = Path(workdir)
     best = []
     for seed in range(seeds):
@@ -56,7 +59,7 @@ def cli_main() -> None:
     flags.DEFINE_string("workdir", None, "sweep folder (one sub-folder per seed)")
     flags.DEFINE_integer("seeds", 5, "number of seeds (the paper uses 5)")
     flags.mark_flags_as_required(["config", "workdir"])
-    cli.run(main)
+    cli.run(main, errors=(ConfigError, train.NonFiniteLoss))
 
 
 if __name__ == "__main__":

@@ -116,8 +116,11 @@ class GlueTask:
         t = config.task
         train = glue.load_glue(self.name, "train", t.train_source)
         val = glue.load_glue(self.name, "validation", t.eval_source)
-        if t.train_limit:
-            train = train.select(range(min(t.train_limit, len(train))))
+        if t.train_limit:     # a seeded subset, each label keeping its share (not the first N)
+            from loraxs_jax.experiments.data.batching import subset
+
+            labels = np.asarray(train["label"][:]) if self.spec.labels else None
+            train = train.select(subset(len(train), t.train_limit, config.seed, labels))
         if t.eval_limit:
             val = val.select(range(min(t.eval_limit, len(val))))
         self.train_arrays = glue.tokenize_glue(train, self.name, model.tokenizer, t.max_length)

@@ -15,8 +15,7 @@ Param paths mirror Hugging Face names so LoRA-XS target regexes read the same as
 
 With ``scan_layers=True`` the layers are one ``nn.scan``: paths become ``model/layers/...`` and
 every layer param gains a leading layer axis (logical name ``'layers'``). Every projection is a
-plain ``nn.Dense`` called as a module, so LoRA-XS picks it up by intercepting ``nn.Dense.__call__``
-and reading its ``kernel_loraxs_*`` siblings.
+plain ``nn.Dense`` with an (in, out) kernel; the model knows nothing of LoRA-XS.
 
 Forward::
 
@@ -456,8 +455,15 @@ _LAYER = re.compile(r"^layers_(\d+)$")
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-def _hf_names(path: tuple[str, ...], config: DecoderConfig) -> tuple[list[str], bool]:
-    """HF tensor names for one param (one per layer when scanned) and whether to transpose."""
+def hf_names(path: tuple[str, ...], config: DecoderConfig) -> tuple[list[str], bool]:
+    """The Hugging Face tensor names of one of our params and whether it is transposed there.
+
+    ``("model", "layers_0", "self_attn", "q_proj", "kernel")`` -> ``(["model.layers.0.self_attn
+    .q_proj.weight"], True)``: a kernel (in, out) is the transpose of the torch Linear weight
+    (out, in). With ``scan_layers`` a layer param holds every layer stacked on axis 0, and the
+    list has one name per layer. The loader and the exporters (``loraxs_jax.interop``) both use
+    this one mapping.
+    """
     *mods, leaf = path
     transpose = leaf == "kernel"
     leaf = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
@@ -490,7 +496,7 @@ def load_params(source, config: DecoderConfig,
     plan, missing, mismatched, used = [], [], [], set()
     for path, want in leaves:
         path = path_keys(path)
-        names, transpose = _hf_names(path, config)
+        names, transpose = hf_names(path, config)
         shape = want.shape[1:] if len(names) > 1 else want.shape
         hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
         for name in names:

@@ -5,9 +5,8 @@ model is RoBERTa-large); ``EncoderConfig`` switches what differs: RoBERTa's posi
 (padding_idx + 1 + index among non-pad tokens), token-type embeddings, layer-norm epsilon, exact
 or tanh GELU, and the classification head.
 
-Every projection is a plain ``nn.Dense`` with a 2-D kernel (in, out), called as a module, so
-LoRA-XS adapts the model unmodified: ``loraxs_jax`` intercepts ``nn.Dense.__call__`` and reads
-``kernel_loraxs_{A,B,R,scale}`` stored beside ``kernel``.
+Every projection is a plain ``nn.Dense`` with a 2-D kernel (in, out); the model knows nothing of
+LoRA-XS (``loraxs_jax.wrap`` adapts its contractions).
 
 Param paths ('/'-joined, ``params`` collection), H = hidden_size, I = intermediate_size,
 for i in 0..num_layers-1::
@@ -513,11 +512,34 @@ _BUFFERS = ("position_ids", "token_type_ids")  # non-persistent buffers some che
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
-def _torch_name(path: tuple[str, ...], prefix: str) -> str:
+def torch_name(path: tuple[str, ...], prefix: str) -> str:
     """encoder/layer/0/attention/self/query/kernel -> {prefix}encoder.layer.0.attention.self
-    .query.weight (the classifier sits outside the base model's prefix, as in HF)."""
+    .query.weight (the classifier sits outside the base model's prefix, as in HF). ``prefix`` is
+    "bert." / "roberta." for the transformers task models, "" for bare sentence-transformers
+    folders."""
     name = ".".join(path[:-1] + (_LEAF[path[-1]],))
     return name if path[0] == "classifier" else prefix + name
+
+
+def checkpoint_prefix(model_type: str, keys) -> str:
+    """The prefix of a checkpoint's base-model tensors: "bert." / "roberta." for transformers'
+    task and base models, "" for sentence-transformers / bare base-model folders."""
+    prefix = f"{model_type}."
+    return prefix if any(k.startswith(prefix) for k in keys) else ""
+
+
+def hf_names(path: tuple[str, ...], config: EncoderConfig,
+             prefix: str | None = None) -> tuple[list[str], bool]:
+    """The Hugging Face tensor names of one of our params and whether it is transposed there
+    (kernels (in, out) are torch Linear weights (out, in)); one name per layer for a scanned
+    layer param (stacked on axis 0). ``prefix`` defaults to the task model's ("bert."); names
+    are those of ``{Bert,Roberta}ForSequenceClassification``."""
+    prefix = f"{config.model_type}." if prefix is None else prefix
+    transpose = path[-1] == "kernel"
+    if config.scan_layers and path[:2] == ("encoder", "layer"):
+        return [torch_name(path[:2] + (str(i),) + path[2:], prefix)
+                for i in range(config.num_layers)], transpose
+    return [torch_name(path, prefix)], transpose
 
 
 def _listing(kind: str, items: list[str], limit: int = 20) -> str:
@@ -568,9 +590,7 @@ def load_encoder(
     config = EncoderConfig.from_hf(ckpt.config(), num_labels=num_labels, head=head,
                                    dtype=dtype, **options)
     keys = set(ckpt.keys())
-    prefix = f"{config.model_type}."
-    if not any(k.startswith(prefix) for k in keys):
-        prefix = ""  # sentence-transformers / bare base-model folder
+    prefix = checkpoint_prefix(config.model_type, keys)
 
     # Plan on the unscanned layout (one tensor per path); stack afterwards if scanning.
     flat_config = dataclasses.replace(config, scan_layers=False)
@@ -579,7 +599,7 @@ def load_encoder(
     sources, fresh, missing, mismatched = {}, [], [], []
     absent_head = False  # a head part the checkpoint lacks although nobody asked for a fresh one
     for path, want in expected.items():
-        name = _torch_name(path, prefix)
+        name = torch_name(path, prefix)
         if (fresh_head and path[0] == "classifier") or (name not in keys and path[0] in _HEAD):
             absent_head |= not (fresh_head and path[0] == "classifier")
             fresh.append(path)

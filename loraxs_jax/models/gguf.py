@@ -37,13 +37,40 @@ _SPLIT_DIGITS = {"gpt2": False, "smollm": True}
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-def _hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str) -> str:
+    """llama.cpp tensor name -> Hugging Face name ("blk.0.attn_q.weight" ->
+    "model.layers.0.self_attn.q_proj.weight"); an unknown name -> "gguf:<name>"."""
     if gguf_name in _NAMES:
         return _NAMES[gguf_name]
     m = _BLOCK_RE.match(gguf_name)
     if m and m.group(2) in _BLOCK:
         return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}.{m.group(3)}"
     return f"gguf:{gguf_name}"  # unknown: surfaces as an unexpected tensor
+
+
+_GGUF_NAMES = {v: k for k, v in _NAMES.items()}
+_GGUF_BLOCK = {v: k for k, v in _BLOCK.items()}
+_HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def gguf_name(hf: str) -> str:
+    """The inverse of :func:`hf_name`: "model.layers.0.self_attn.q_proj.weight" ->
+    "blk.0.attn_q.weight". Raises KeyError for a tensor llama.cpp's llama architecture lacks."""
+    if hf in _GGUF_NAMES:
+        return _GGUF_NAMES[hf]
+    m = _HF_BLOCK_RE.match(hf)
+    if m and m.group(2) in _GGUF_BLOCK:
+        return f"blk.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+    raise KeyError(f"{hf} has no llama.cpp (GGUF 'llama' architecture) name")
+
+
+def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``permute`` (convert_hf_to_gguf.py), what writing a GGUF file applies to q/k
+    rows: reshape(n_head, 2, d/2, in).swapaxes(1, 2). The inverse of :func:`unpermute_rotary`;
+    ``w`` is (n_head * d, in) in PyTorch layout (or a bias (n_head * d,))."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2)
+            .reshape(w.shape))
 
 
 def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -61,7 +88,7 @@ class GGUFTensors:
     """A GGUF file's tensors under Hugging Face names in PyTorch layout, dequantised on ``get``."""
 
     def __init__(self, reader, n_head: int, n_kv_head: int):
-        self._tensors = {_hf_name(t.name): t for t in reader.tensors}
+        self._tensors = {hf_name(t.name): t for t in reader.tensors}
         self._heads = {"q_proj": n_head, "k_proj": n_kv_head}
 
     def keys(self) -> list[str]:

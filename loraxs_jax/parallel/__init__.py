@@ -5,7 +5,7 @@ shardings, batches on a mesh, and multi-process helpers. One flat namespace over
 * ``jit``:   ``jit_train_step``, ``jit_eval_step``, ``jit_predict``, ``jit_sharded``
 * ``batch``: ``global_batch``, ``shard_batch``, ``pad_rows``, ``process_batch_slice``
 * ``hosts``: ``maybe_initialize_distributed``, ``is_main_process``, ``to_host``, ``sync``,
-  ``write_file``
+  ``write_file``, ``atomic_write``, ``remove_stale_temps``
 
 Nothing here imports the LoRA-XS transform; the models use it too.
 """
@@ -21,6 +21,7 @@ from loraxs_jax.parallel.hosts import (
     atomic_write,
     is_main_process,
     maybe_initialize_distributed,
+    remove_stale_temps,
     sync,
     to_host,
     write_file,
@@ -48,6 +49,7 @@ __all__ = [
     "batch_ways", "derived_spec", "global_batch", "hashable", "is_main_process", "jit_eval_step",
     "jit_predict", "jit_sharded", "jit_train_step", "make_mesh", "maybe_initialize_distributed",
     "mesh_shape", "opt_state_shardings", "pad_rows", "param_shardings", "process_batch_slice",
+    "remove_stale_temps",
     "replicated", "shard_batch", "shard_params", "spec_for", "subtree_shardings", "sync", "to_host",
     "write_file",
 ]

@@ -6,6 +6,7 @@ then a barrier so the others can read what it wrote).
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tempfile
@@ -85,12 +86,25 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def remove_stale_temps(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that :func:`atomic_write`s killed
+    before their rename left in ``directory`` (of the file ``name``, or of any file); return
+    them. Call it where no other writer of those files runs (a run's start, the next save)."""
+    pattern = f".{glob.escape(name) if name else '*'}.*.tmp"
+    stale = [p for p in Path(directory).glob(pattern) if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it: a crash leaves
-    the old file or the new one, never half of one. The file gets the permissions any other
+    the old file or the new one, never half of one, and the temporary file a killed write left
+    behind is deleted by the next write of ``path``. The file gets the permissions any other
     new file of the run gets (``mkstemp`` alone would leave 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

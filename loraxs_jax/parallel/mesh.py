@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from loraxs_jax.geometry import Geometry
 from loraxs_jax.tree import adapter_key, flatten, leaf_role, path_str, shape_of, unflatten
 
 logger = logging.getLogger(__name__)
@@ -206,16 +207,23 @@ def param_shardings(params_or_shapes: Mapping, logical_axes: Mapping | None, mes
     return unflatten(out, {})
 
 
-def derived_spec(kernel_spec: Sequence, kernel_ndim: int, n_stack: int, n_in: int,
-                 role: str) -> tuple:
-    """Partition spec (or logical names) of an adapter leaf from its kernel's, for a kernel of
-    ``kernel_ndim`` axes viewed as (``n_stack`` stack axes, ``n_in`` input axes, the rest
-    output axes): A keeps the kernel's stack and input axes, B its stack and output axes, the
-    rank axis is never sharded, R and the scale follow the stack axes only."""
-    spec = tuple(kernel_spec) + (None,) * (kernel_ndim - len(tuple(kernel_spec)))
-    stack, ins, outs = spec[:n_stack], spec[n_stack:n_stack + n_in], spec[n_stack + n_in:]
-    return {"A": stack + ins + (None,), "B": stack + (None,) + outs,
-            "R": stack + (None, None), "scale": stack}[role]
+def derived_spec(kernel_spec: Sequence, geometry: Geometry, role: str) -> tuple:
+    """Partition spec (or logical names) of an adapter leaf from its kernel's, as the leaf is
+    stored (``Geometry.stored_shapes``): A keeps the kernel's stack and input axes, B its stack
+    and output axes, the rank axis is never sharded, R and the scale follow the stack axes."""
+    spec = tuple(kernel_spec) + (None,) * (len(geometry.shape) - len(tuple(kernel_spec)))
+    stack = tuple(spec[a] for a in geometry.stack)
+    if role == "R":
+        return stack + (None, None)
+    if role == "scale":
+        return stack
+    keep = set(geometry.stack) | set(geometry.inputs if role == "A" else geometry.outputs)
+    if geometry.standard:
+        kept = tuple(spec[a] for a in sorted(keep))
+        ns = len(geometry.stack)
+        return kept + (None,) if role == "A" else kept[:ns] + (None,) + kept[ns:]
+    kept = tuple(spec[a] if a in keep else None for a in range(len(spec)))
+    return kept + (None,) if role == "A" else (None,) + kept
 
 
 def adapted_shardings(adapted_params: Mapping, base_shardings: Mapping) -> dict:
@@ -237,13 +245,12 @@ def adapted_shardings(adapted_params: Mapping, base_shardings: Mapping) -> dict:
             raise KeyError(f"base_shardings has no entry for {path_str(kpath)}, the kernel of "
                            f"{path_str(path)}")
         ks = base[kpath]
-        n_stack = len(shape_of(flat[(*path[:-1], adapter_key(role[0], "R"))])) - 2
-        a_shape = shape_of(flat[(*path[:-1], adapter_key(role[0], "A"))])
-        b_shape = shape_of(flat[(*path[:-1], adapter_key(role[0], "B"))])
-        n_in = len(a_shape) - n_stack - 1
-        ndim = n_stack + n_in + len(b_shape) - n_stack - 1
-        spec = derived_spec(tuple(ks.spec), ndim, n_stack, n_in, role[1])
-        out[path] = NamedSharding(ks.mesh, PartitionSpec(*spec))
+        if kpath not in flat:
+            raise KeyError(f"{path_str(path)} without its kernel {path_str(kpath)}: pass the "
+                           "whole adapted tree (then subtree_shardings for a half of split)")
+        leaves = {r: shape_of(flat[(*path[:-1], adapter_key(role[0], r))]) for r in ("A", "B", "R")}
+        g = Geometry.from_leaves(shape_of(flat[kpath]), leaves["A"], leaves["B"], leaves["R"])
+        out[path] = NamedSharding(ks.mesh, PartitionSpec(*derived_spec(tuple(ks.spec), g, role[1])))
     return unflatten(out)
 
 

@@ -66,6 +66,15 @@ def test_installed_programs_run_outside_the_repository(installed, repo, tiny_ber
     scores = json.loads((elsewhere / "ev" / "scores_merged.json").read_text())
     assert scores == json.loads((elsewhere / "ev" / "scores_adapted.json").read_text())
     assert len((elsewhere / "ev" / "predictions_merged.jsonl").read_text().splitlines()) == 32
+    # the demo's head is a mean-pooling one: loraxs-export refuses to put it on [CLS] and
+    # exports the LoRA alone when told so
+    export = [str(installed / "loraxs-export"), "peft", "--adapter", "run/adapter.safetensors",
+              f"--base={tiny_bert}", "--out=peft"]
+    refused = _run(export, elsewhere)
+    assert refused.returncode == 2 and "mean-pooled tokens" in refused.stderr
+    peft = _run([*export, "--no-head"], elsewhere)
+    assert peft.returncode == 0, peft.stderr[-3000:]
+    assert json.loads((elsewhere / "peft" / "adapter_config.json").read_text())["r"] == 4
     assets = _run([str(installed / "loraxs-assets"), "list"], elsewhere)
     assert assets.returncode == 0 and "minilm" in assets.stdout
 

@@ -69,3 +69,21 @@ def test_eval_predictions_on_a_mesh_equal_single_device(encoder_params, shape):
     assert placed["input_ids"].sharding.spec == P(("data", "fsdp"))
     out = predict.jitted(params, placed)
     assert out.sharding.is_fully_replicated and out.shape == (padded["input_ids"].shape[0],)
+
+
+def test_train_limit_draws_a_stratified_seeded_subset(tiny_config, tiny_bert):
+    """Row 4 of the reliability issue: train_limit=320 took the first 320 rows of SST-2's train
+    set, 310 positive and 10 negative."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from loraxs_jax.experiments.tasks import GlueTask
+
+    model = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(str(tiny_bert)))
+    task = GlueTask(tiny_config(tiny_bert, **{"task.train_limit": 320}), model)
+    labels = task.train_arrays["labels"]
+    assert task.num_train == len(labels) == 320
+    assert abs(int(labels.sum()) - 320 * 4824 / 9749) <= 1          # 4,824 of 9,749 positive
+    other = GlueTask(tiny_config(tiny_bert, **{"task.train_limit": 320, "seed": 1}), model)
+    assert not np.array_equal(task.train_arrays["input_ids"], other.train_arrays["input_ids"])

@@ -7,7 +7,7 @@ import pytest
 from loraxs_jax.experiments import assets
 from loraxs_jax.models.decoder import DecoderForCausalLM
 from loraxs_jax.models.generate import generate
-from loraxs_jax.models.gguf import load_gguf, unpermute_rotary
+from loraxs_jax.models.gguf import gguf_name, hf_name, load_gguf, permute_rotary, unpermute_rotary
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -24,6 +24,16 @@ def test_unpermute_inverts_llama_cpp_permute(n_head):
     permuted = _llama_cpp_permute(w, n_head)
     assert not np.array_equal(permuted, w)
     np.testing.assert_array_equal(unpermute_rotary(permuted, n_head), w)
+    np.testing.assert_array_equal(permute_rotary(w, n_head), permuted)
+
+
+def test_gguf_names_invert_hf_names():
+    for g in ("token_embd.weight", "output_norm.weight", "output.weight", "blk.3.attn_q.weight",
+              "blk.0.ffn_down.weight", "blk.11.ffn_norm.weight", "blk.2.attn_k.bias"):
+        assert gguf_name(hf_name(g)) == g
+    assert hf_name("blk.0.attn_output.weight") == "model.layers.0.self_attn.o_proj.weight"
+    with pytest.raises(KeyError, match="no llama.cpp"):
+        gguf_name("model.layers.0.self_attn.q_norm.weight")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,26 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
+def subset(num_examples: int, limit: int, seed: int, labels: np.ndarray | None = None
+           ) -> np.ndarray:
+    """Sorted indices of ``limit`` of ``num_examples`` examples, drawn without replacement by
+    ``seed`` (all of them when ``limit`` is 0 or not smaller). With ``labels`` (classification)
+    every label keeps its share, rounded by largest remainders: the first N rows of a file sorted
+    by label would be (nearly) one class.
+    """
+    if not limit or limit >= num_examples:
+        return np.arange(num_examples)
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return np.sort(rng.choice(num_examples, limit, replace=False))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * limit / num_examples
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[:limit - take.sum()]] += 1
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False)
+                                   for c, k in zip(classes, take)]))
+
+
 def shuffled_plan(num_examples: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                   drop_remainder: bool = True) -> Plan:
     """Plan: a fresh permutation per epoch (or the identity), cut into ``batch_size`` chunks."""
