@@ -57,7 +57,8 @@ def get_config(arg: str = "task=sst2,rank=25"):
     c.loraxs.targets = PAPER_TARGETS
     c.loraxs.init = opts["init"]
     c.loraxs.svd_method = "block_krylov"   # 1024-wide RoBERTa-large matrices: the paper's
-    # randomized SVD's accuracy (better) at a third of its passes over W (benchmarks/svd_init)
+    # randomized SVD's accuracy (better) with 14 passes over W instead of 22
+    # (benchmarks/results/svd_init.md)
     c.loraxs.trainable = (r"^classifier/",)
     c.task.name = "glue"
     c.task.glue = task

@@ -157,6 +157,6 @@ def decoder_base(path: str, rank: int, alpha: float) -> ml_collections.ConfigDic
     c.loraxs.targets = DECODER_TARGETS
     c.loraxs.bases_dtype = "bfloat16"
     c.loraxs.svd_method = "block_krylov"  # 4096-wide matrices: randomized SVD's accuracy (better)
-    # at a third of its passes over W (benchmarks/results/svd_init.md)
+    # with 14 passes over W instead of 22 (benchmarks/results/svd_init.md)
     c.eval_every_steps = 0
     return c
