@@ -387,6 +387,8 @@ def tables(r: dict) -> str:
                f"layers, estimate): {est}. The exact SVD is timed only on the k/v shape unless "
                "`--exact-7b` (a 4096×4096 exact SVD alone takes minutes on 2 cores); the error "
                "ratios and angles of every shape are against the float64 reference.\n")
+    for sup in r.get("supplements", []):       # extra runs recorded next to this one
+        out.append(f"## {sup['title']}\n\n{sup['text']}\n")
     ep = r["demo_epoch"]
     ratios = ", ".join(f"{k} {v:.2%}" for k, v in ep["init_over_epoch"].items())
     out.append(f"## Init vs one epoch of the demo\n\n{ep['setup']}. Epoch ≈ {ep['how']} = "
