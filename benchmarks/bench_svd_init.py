@@ -1,18 +1,31 @@
-"""SVD initialisation of LoRA-XS bases: exact vs our randomized SVD vs scikit-learn.
+"""SVD initialisation of LoRA-XS bases: exact vs randomized vs block Krylov vs scikit-learn.
 
 For every target matrix shape of real models (MiniLM, SmolLM2-135M) and of one Mistral-7B layer
 (4096×4096 q/o, 4096×1024 k/v, 4096×14336 gate/up, 14336×4096 down; synthetic weights with a
 decaying spectrum, no 7B weights are available offline), we time
 
-  exact       ``loraxs_jax.svd.exact_svd`` (jnp.linalg.svd, then truncate),
-  randomized  ``loraxs_jax.svd.randomized_svd`` (ours: Halko et al., with LoraXSConfig's
-              defaults: 10 oversamples, 10 power iterations, as the official code's n_iter=10),
-  sklearn     ``TruncatedSVD(n_components=r, n_iter=10)`` on the CPU, one matrix at a time, as
-              the official LoRA-XS code does,
+  exact         ``loraxs_jax.svd.exact_svd`` (jnp.linalg.svd, then truncate),
+  randomized    ``loraxs_jax.svd.randomized_svd`` (Halko et al. subspace iteration with
+                LoraXSConfig's defaults: 10 oversamples, 10 power iterations, as the official
+                code's n_iter=10),
+  block_krylov  ``loraxs_jax.svd.block_krylov_svd`` (Musco & Musco block Lanczos,
+                LoraXSConfig's default krylov_iters),
+  sklearn       ``TruncatedSVD(n_components=r, n_iter=10)`` on the CPU, one matrix at a time, as
+                the official LoRA-XS code does,
 
-and compare their rank-r subspaces and approximations with the exact SVD. Whole-model init
-(``loraxs_jax.compute_bases``, all targets) is set against one training epoch of the demo
-(MiniLM on ~9.7k SST-2 sentences, batch 32): epoch ≈ measured LoRA-XS step time × ⌈9700/32⌉.
+side by side (interleaved rounds, medians), and compare each rank-r approximation with the exact
+truncation W_r, computed independently of all four in float64 by numpy (the eigendecomposition
+of the Gram matrix of W's shorter side): ‖W − U_r Σ_r V_rᵀ‖_F / ‖W − W_r‖_F (1 = optimal,
+Eckart–Young) and the largest principal angles to the exact top-r singular subspaces.
+Whole-model init (``loraxs_jax.bases.compute_bases``, all targets) is set against the sklearn
+loop and against one training epoch of the demo (MiniLM on ~9.7k SST-2 sentences, batch 32):
+epoch ≈ measured LoRA-XS step time × ⌈9700/32⌉.
+
+BLAS/LAPACK threads (OpenBLAS: numpy's and sklearn's products, and the QR, eigh and SVD calls of
+XLA's CPU backend) are limited to one for the whole run: on this 2-core machine, shared with a
+training job, OpenBLAS's default of one thread per core spins against the other work and made
+sklearn 20-40x slower (XLA's own matrix products keep their threads). On the real models'
+shapes sklearn is also timed with the default threads, for comparison.
 
     python -m benchmarks.bench_svd_init [--smoke] [--exact-7b]
 """
@@ -20,17 +33,19 @@ and compare their rank-r subspaces and approximations with the exact SVD. Whole-
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 import loraxs_jax
 from benchmarks import common
 from loraxs_jax import svd as svd_lib
-from loraxs_jax.bases import find_targets
+from loraxs_jax.bases import compute_bases, find_targets
 from loraxs_jax.tree import flatten
 
 MISTRAL_LAYER = {  # (in, out) in Flax layout: how many of each shape one layer has
@@ -40,39 +55,53 @@ MISTRAL_LAYER = {  # (in, out) in Flax layout: how many of each shape one layer 
 }
 MISTRAL_LAYERS = 32
 DEMO_SENTENCES, DEMO_BATCH = 9700, 32
+OURS = ("exact", "randomized", "block_krylov")     # svd_method values, all via compute_bases
+METHODS = (*OURS, "sklearn")
+SKLEARN_DEFAULT_BLAS = "sklearn, default BLAS threads"
+REPS = 3
 
 
-# ----------------------------------------------------------------------------- the three SVDs
-def _compiled(fn, *args, **static):
-    t = time.perf_counter()
-    c = jax.jit(fn, static_argnames=tuple(static)).lower(*args, **static).compile()
-    return c, time.perf_counter() - t
-
-
-def run_exact(w: jax.Array, r: int):
-    c, compile_s = _compiled(lambda w, rank: svd_lib.exact_svd(w, rank), w, rank=r)
-    (u, s, vt), run_s = common.timed(lambda: c(w))
-    return np.asarray(u), np.asarray(s), np.asarray(vt), compile_s, run_s
-
-
-def run_randomized(w: jax.Array, r: int):
-    key = jax.random.key(0)
+# ----------------------------------------------------------------------------- the four SVDs
+def _svd(method: str, r: int):
+    """``(w, key) -> (U, S, Vt)`` of one of our methods with LoraXSConfig's default options."""
     d = loraxs_jax.LoraXSConfig(targets="x")
-    c, compile_s = _compiled(lambda w, k, rank: svd_lib.randomized_svd(
-        w, rank, k, oversample=d.oversample, power_iters=d.power_iters), w, key, rank=r)
-    (u, s, vt), run_s = common.timed(lambda: c(w, key))
-    return np.asarray(u), np.asarray(s), np.asarray(vt), compile_s, run_s
+    return lambda w, k: svd_lib.truncated_svd(w, r, method=method, key=k, oversample=d.oversample,
+                                              power_iters=d.power_iters,
+                                              krylov_iters=d.krylov_iters)
 
 
-def run_sklearn(w: np.ndarray, r: int):
+def run_sklearn(w: np.ndarray, r: int, blas_threads: int | None = None):
+    """TruncatedSVD(n_iter=10) as the official code; ``blas_threads`` overrides the run's limit."""
     from sklearn.decomposition import TruncatedSVD
 
-    t = time.perf_counter()
+    if blas_threads:
+        with threadpool_limits(limits=blas_threads, user_api="blas"):
+            return run_sklearn(w, r)
+
     svd = TruncatedSVD(n_components=r, n_iter=10, random_state=0)
     us = svd.fit_transform(w)
-    run_s = time.perf_counter() - t
     s = svd.singular_values_
-    return us / s, s, svd.components_, 0.0, run_s
+    return us / s, s, svd.components_
+
+
+def reference(w: np.ndarray, r: int, vectors: bool = True) -> dict:
+    """The exact rank-r truncation of W in float64, from numpy's eigendecomposition of the Gram
+    matrix of W's shorter side (independent of every SVD timed here, and far cheaper than a full
+    float64 SVD of a 4096×14336 matrix): ``tail`` = ‖W − W_r‖_F and, with ``vectors``, U_r and
+    V_r (orthonormal columns)."""
+    a = np.asarray(w, np.float64)
+    flip = a.shape[0] > a.shape[1]
+    a = a.T if flip else a                                  # (short, long)
+    gram = a @ a.T
+    if not vectors:
+        lam = np.linalg.eigvalsh(gram)[::-1]
+        return {"tail": float(np.sqrt(np.clip(lam[r:], 0, None).sum()))}
+    lam, vec = np.linalg.eigh(gram)
+    lam, vec = lam[::-1], vec[:, ::-1]
+    short = vec[:, :r]
+    long = a.T @ short / np.sqrt(lam[:r])
+    u, v = (long, short) if flip else (short, long)
+    return {"tail": float(np.sqrt(np.clip(lam[r:], 0, None).sum())), "u": u, "v": v}
 
 
 def max_angle_deg(q1: np.ndarray, q2: np.ndarray) -> float:
@@ -81,27 +110,41 @@ def max_angle_deg(q1: np.ndarray, q2: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cos.min(), 0.0, 1.0))))
 
 
-def rel_error(w: np.ndarray, u, s, vt) -> float:
-    """‖W − U_r Σ_r V_rᵀ‖_F / ‖W‖_F."""
-    return float(np.linalg.norm(w - (u * s) @ vt) / np.linalg.norm(w))
+def frob_error(w: np.ndarray, a, b) -> float:
+    """‖W − A·B‖_F in float64."""
+    return float(np.linalg.norm(np.asarray(w, np.float64)
+                                - np.asarray(a, np.float64) @ np.asarray(b, np.float64)))
 
 
-def compare_shape(w: np.ndarray, r: int, exact: bool = True) -> dict:
-    """Time the three SVDs on one matrix; accuracy against the exact one when it ran."""
-    wj = jnp.asarray(w, jnp.float32)
+def compare_shape(w: np.ndarray, r: int, exact: bool = True, reps: int = REPS,
+                  sklearn_default_blas: bool = False) -> dict:
+    """Time the SVDs on one matrix side by side (exact only if ``exact``; with
+    ``sklearn_default_blas`` also sklearn with one BLAS thread per core); each result's error
+    and principal angles against the float64 reference."""
+    wj, key = jnp.asarray(w, jnp.float32), jax.random.key(0)
+    ref = reference(w, r)
+    fns, compile_s = {}, {}
+    for m in OURS if exact else OURS[1:]:
+        t = time.perf_counter()
+        c = jax.jit(_svd(m, r)).lower(wj, key).compile()
+        compile_s[m] = time.perf_counter() - t
+        fns[m] = lambda c=c: c(wj, key)
+    fns["sklearn"] = lambda: run_sklearn(w, r)
+    if sklearn_default_blas:
+        fns[SKLEARN_DEFAULT_BLAS] = lambda: run_sklearn(w, r, os.cpu_count())
+    compile_s.update({m: 0.0 for m in fns if m.startswith("sklearn")})
+    outs = {m: common.block(f()) for m, f in fns.items()}           # also the warm-up round
+    times = common.interleaved(fns, reps, warmup=0)
+    norm = float(np.linalg.norm(np.asarray(w, np.float64)))
     res = {}
-    runs = {"randomized": lambda: run_randomized(wj, r), "sklearn": lambda: run_sklearn(w, r)}
-    if exact:
-        runs = {"exact": lambda: run_exact(wj, r), **runs}
-    out = {name: f() for name, f in runs.items()}
-    for name, (u, s, vt, compile_s, run_s) in out.items():
-        d = {"run_s": run_s, "compile_s": compile_s, "rel_frob_error": rel_error(w, u, s, vt)}
-        if exact:
-            ue, _, vte, _, _ = out["exact"]
-            d["max_angle_left_deg"] = max_angle_deg(ue, u)
-            d["max_angle_right_deg"] = max_angle_deg(vte.T, vt.T)
-            d["error_vs_exact"] = d["rel_frob_error"] / rel_error(w, *out["exact"][:3])
-        res[name] = d
+    for m, (u, s, vt) in outs.items():
+        u, s, vt = (np.asarray(x, np.float64) for x in (u, s, vt))
+        err = frob_error(w, u * s, vt)
+        res[m] = {"run_s": common.median(times[m]), "times_s": times[m],
+                  "compile_s": compile_s[m], "rel_frob_error": err / norm,
+                  "error_vs_exact": err / ref["tail"],
+                  "max_angle_left_deg": max_angle_deg(ref["u"], u),
+                  "max_angle_right_deg": max_angle_deg(ref["v"], vt.T)}
     return res
 
 
@@ -111,33 +154,53 @@ def _matrices(params: Mapping, cfg: loraxs_jax.LoraXSConfig) -> dict[str, np.nda
     return {t.name: np.asarray(flat[t.path], np.float32) for t in find_targets(params, cfg)}
 
 
-def whole_model(params: Mapping, cfg: loraxs_jax.LoraXSConfig, exact: bool = True) -> dict:
-    """Init of every target: compute_bases (first call: compile included; second: warm) for
-    exact (unless ``exact=False``) and randomized, and the sklearn loop."""
-    out = {}
-    for method in ("exact", "randomized") if exact else ("randomized",):
-        c = loraxs_jax.LoraXSConfig(**{**cfg.to_dict(), "svd_method": method})
-        _, cold = common.timed(lambda c=c: loraxs_jax.bases.compute_bases(params, c))
-        _, warm = common.timed(lambda c=c: loraxs_jax.bases.compute_bases(params, c))
-        out[method] = {"first_call_s": cold, "warm_s": warm}
+def whole_model(params: Mapping, cfg: loraxs_jax.LoraXSConfig, exact: bool = True,
+                reps: int = REPS) -> dict:
+    """Init of every target: ``compute_bases`` per method (first call: compile included; then
+    ``reps`` interleaved warm rounds with the sklearn loop), and every matrix's error ratio
+    ‖W − A·B‖_F / ‖W − W_r‖_F against the float64 reference."""
     mats = _matrices(params, cfg)
     r = cfg.rank
-    t = time.perf_counter()
-    for w in mats.values():
-        run_sklearn(w, r)
-    out["sklearn"] = {"first_call_s": time.perf_counter() - t, "warm_s": time.perf_counter() - t}
-    out["matrices"] = len(mats)
+
+    def init(method):
+        c = loraxs_jax.LoraXSConfig(**{**cfg.to_dict(), "svd_method": method})
+        return lambda: compute_bases(params, c)
+
+    fns = {m: init(m) for m in (OURS if exact else OURS[1:])}
+    fns["sklearn"] = lambda: {name: run_sklearn(w, r) for name, w in mats.items()}
+    first, outs = {}, {}
+    for m, f in fns.items():
+        outs[m], first[m] = common.timed(f)
+    times = common.interleaved(fns, reps, warmup=0)
+    tails = {name: reference(w, r, vectors=False)["tail"] for name, w in mats.items()}
+    out: dict = {"matrices": len(mats), "rounds": reps}
+    for m in fns:
+        ratios = []
+        for name, w in mats.items():
+            if m == "sklearn":
+                u, s, vt = outs[m][name]
+                a, b = u * s, vt
+            else:
+                a, b = outs[m][name]
+            ratios.append(frob_error(w, a, b) / tails[name])
+        out[m] = {"first_call_s": first[m], "warm_s": common.median(times[m]),
+                  "times_s": times[m], "error_ratio_max": max(ratios),
+                  "error_ratio_mean": float(np.mean(ratios))}
+    for m in fns:
+        out[m]["sklearn_over_this"] = {k: out["sklearn"][k] / out[m][k]
+                                       for k in ("first_call_s", "warm_s")}
     return out
 
 
 def per_shape(params: Mapping, cfg: loraxs_jax.LoraXSConfig) -> dict:
     """compare_shape on the first target matrix of each distinct shape (real weights)."""
-    shapes: dict[str, tuple[np.ndarray, int]] = {}
+    shapes: dict[str, tuple[np.ndarray, int, str]] = {}
     for name, w in _matrices(params, cfg).items():
         key = f"{w.shape[0]}×{w.shape[1]}"
         first = shapes.setdefault(key, (w, 0, name))
         shapes[key] = (first[0], first[1] + 1, first[2])
-    return {k: {"count": n, "example": name, **compare_shape(w, cfg.rank)}
+    return {k: {"count": n, "example": name,
+                **compare_shape(w, cfg.rank, sklearn_default_blas=True)}
             for k, (w, n, name) in shapes.items()}
 
 
@@ -160,16 +223,18 @@ def synthetic(shape: tuple[int, int], seed: int = 0, k: int = 512, decay: float 
 def mistral_layer(r: int, exact_all: bool, shapes: Mapping = MISTRAL_LAYER) -> dict:
     res = {}
     for label, (shape, count) in shapes.items():
-        w = synthetic(shape)
         exact = exact_all or min(shape) <= 1024
         res[label] = {"count": count, "shape": list(shape), "exact_ran": exact,
-                      **compare_shape(w, r, exact=exact)}
-    layer = {}
-    for method in ("exact", "randomized", "sklearn"):
-        if all(method in v for v in res.values()):
-            layer[method] = sum(v[method]["run_s"] * v["count"] for v in res.values())
+                      **compare_shape(synthetic(shape), r, exact=exact)}
+        print(f"[svd_init] 7B {label}: " + ", ".join(
+            f"{m} {res[label][m]['run_s']:.2f} s" for m in METHODS if m in res[label]), flush=True)
+    layer = {m: sum(v[m]["run_s"] * v["count"] for v in res.values())
+             for m in METHODS if all(m in v for v in res.values())}
     return {"rank": r, "shapes": res, "layer_s": layer,
-            "model_s_estimate": {k: v * MISTRAL_LAYERS for k, v in layer.items()}}
+            "model_s_estimate": {k: v * MISTRAL_LAYERS for k, v in layer.items()},
+            "sklearn_over_this": {k: layer["sklearn"] / v for k, v in layer.items()},
+            "error_ratio_max": {m: max(v[m]["error_vs_exact"] for v in res.values())
+                                for m in layer}}
 
 
 def epoch_estimate(setup: common.Setup, reps: int) -> dict:
@@ -184,6 +249,13 @@ def epoch_estimate(setup: common.Setup, reps: int) -> dict:
 
 # ----------------------------------------------------------------------------- run
 def run(smoke: bool = False, exact_7b: bool = False) -> dict:
+    with threadpool_limits(limits=1, user_api="blas"):
+        results = measure(smoke, exact_7b)
+    path = common.write_result("svd_init", results, tables, smoke)
+    return {"path": str(path), **results}
+
+
+def measure(smoke: bool, exact_7b: bool) -> dict:
     models: dict[str, tuple[Mapping, loraxs_jax.LoraXSConfig]] = {}
     if smoke:
         demo = common.llama_small(True)
@@ -200,69 +272,123 @@ def run(smoke: bool = False, exact_7b: bool = False) -> dict:
             _, p, _ = load_gguf(path)
             models["SmolLM2-135M (real)"] = (p, loraxs_jax.LoraXSConfig(
                 rank=32, alpha=64.0, targets=common.DECODER_TARGETS))
-    results: dict = {"models": {}}
+    results: dict = {"models": {}, "blas_threads": 1, "defaults": {
+        k: getattr(loraxs_jax.LoraXSConfig(targets="x"), k)
+        for k in ("oversample", "power_iters", "krylov_iters")}}
     for name, (params, cfg) in models.items():
         results["models"][name] = {"rank": cfg.rank, "per_shape": per_shape(params, cfg),
                                    "whole_model": whole_model(params, cfg, "SmolLM2" not in name)}
-        print(f"[svd_init] {name}: {results['models'][name]['whole_model']}", flush=True)
+        wm = results["models"][name]["whole_model"]
+        print(f"[svd_init] {name}: " + ", ".join(
+            f"{m} {wm[m]['warm_s']:.2f} s" for m in METHODS if m in wm), flush=True)
     if smoke:
         results["mistral_7b_layer"] = mistral_layer(
             4, True, {"tiny stand-in (64×64)": ((64, 64), 7)})
     else:
         results["mistral_7b_layer"] = mistral_layer(64, exact_7b)
-    print(f"[svd_init] 7B layer: {results['mistral_7b_layer']['layer_s']}", flush=True)
     ep = epoch_estimate(demo, 3)
     first = next(iter(results["models"].values()))["whole_model"]
-    ep["init_over_epoch"] = {m: first[m]["first_call_s"] / ep["epoch_s"]
-                             for m in ("exact", "randomized", "sklearn")}
+    ep["init_over_epoch"] = {m: first[m]["first_call_s"] / ep["epoch_s"] for m in METHODS}
     results["demo_epoch"] = ep
-    path = common.write_result("svd_init", results, tables, smoke)
-    return {"path": str(path), **results}
+    return results
 
 
 def _ratio(x: dict) -> str:
-    return f"{x['error_vs_exact']:.5f}" if "error_vs_exact" in x else "–"
+    return f"{x['error_vs_exact']:.5f}"
+
+
+def speedups(r: dict) -> list[str]:
+    """One line per model: whole-model init, sklearn's time over each method's."""
+    lines = []
+    for name, m in r["models"].items():
+        wm = m["whole_model"]
+        lines.append(f"{name}, r={m['rank']}, {wm['matrices']} matrices: " + ", ".join(
+            f"{k} {wm[k]['sklearn_over_this']['warm_s']:.1f}× (first call "
+            f"{wm[k]['sklearn_over_this']['first_call_s']:.1f}×; error ratio max "
+            f"{wm[k]['error_ratio_max']:.5f})" for k in OURS if k in wm))
+    ml = r["mistral_7b_layer"]
+    lines.append(f"Mistral-7B layer shapes (synthetic), r={ml['rank']}: " + ", ".join(
+        f"{k} {ml['sklearn_over_this'][k]:.1f}× (error ratio max {ml['error_ratio_max'][k]:.5f})"
+        for k in OURS if k in ml["sklearn_over_this"]))
+    return lines
+
+
+GOAL_SPEEDUP, GOAL_ERROR = 3.0, 1.0005    # the issue: ≥ 3× sklearn at error ratio ≤ 1.0005
+
+
+def goal(r: dict, method: str = "block_krylov") -> list[str]:
+    """Whether ``method`` met the issue's goal on each model and on the Mistral-7B layer:
+    whole-model (warm) time ≥ 3× faster than sklearn TruncatedSVD(n_iter=10), every matrix's
+    error ratio to the exact truncation ≤ 1.0005."""
+    rows = [(f"{name} r={m['rank']}", m["whole_model"][method]["sklearn_over_this"]["warm_s"],
+             m["whole_model"][method]["error_ratio_max"])
+            for name, m in r["models"].items() if method in m["whole_model"]]
+    ml = r["mistral_7b_layer"]
+    if method in ml["sklearn_over_this"]:
+        rows.append((f"Mistral-7B layer shapes r={ml['rank']}", ml["sklearn_over_this"][method],
+                     ml["error_ratio_max"][method]))
+    return [f"{label}: {speed:.1f}× sklearn, error ratio max {err:.5f} → "
+            + ("met" if speed >= GOAL_SPEEDUP and err <= GOAL_ERROR else
+               "NOT met" + (f" (speed-up {speed:.1f}× < {GOAL_SPEEDUP:.0f}×)"
+                            if speed < GOAL_SPEEDUP else "")
+               + (f" (error {err:.5f} > {GOAL_ERROR})" if err > GOAL_ERROR else ""))
+            for label, speed, err in rows]
 
 
 def tables(r: dict) -> str:
-    out = []
+    d = r["defaults"]
+    out = [f"Methods: exact (`jnp.linalg.svd`), randomized (subspace iteration, oversample "
+           f"{d['oversample']}, power_iters {d['power_iters']}), block_krylov (block Lanczos, "
+           f"krylov_iters {d['krylov_iters']}), sklearn `TruncatedSVD(n_iter=10)`.\n\n"
+           "**Speed-up over sklearn** (sklearn's time / the method's; whole model, warm "
+           "medians):\n\n" + "\n".join(f"- {x}" for x in speedups(r)) + "\n\n"
+           f"**Goal** (≥ {GOAL_SPEEDUP:.0f}× sklearn at an error ratio ≤ {GOAL_ERROR}), "
+           "block_krylov:\n\n" + "\n".join(f"- {x}" for x in goal(r)) + "\n"]
     for name, m in r["models"].items():
         rows = []
-        for shape, d in m["per_shape"].items():
-            for meth in ("exact", "randomized", "sklearn"):
-                x = d[meth]
-                rows.append([shape, d["count"], meth, x["run_s"] * 1e3, x["compile_s"] * 1e3,
-                             f"{x['rel_frob_error']:.4f}", _ratio(x),
-                             x.get("max_angle_left_deg", float("nan")),
-                             x.get("max_angle_right_deg", float("nan"))])
+        for shape, dd in m["per_shape"].items():
+            for meth in (m_ for m_ in (*METHODS, SKLEARN_DEFAULT_BLAS) if m_ in dd):
+                x = dd[meth]
+                rows.append([shape, dd["count"], meth, x["run_s"] * 1e3, x["compile_s"] * 1e3,
+                             f"{x['rel_frob_error']:.4f}", _ratio(x), x["max_angle_left_deg"],
+                             x["max_angle_right_deg"]])
         wm = m["whole_model"]
         whole = common.md_table(
-            ["method", "first call s (incl. compile)", "warm s"],
-            [[k, wm[k]["first_call_s"], wm[k]["warm_s"]] if k in wm else [k, "not run", "not run"]
-             for k in ("exact", "randomized", "sklearn")])
-        out.append(f"## {name}, rank {m['rank']}\n\nOne matrix per distinct shape:\n\n"
-                   + common.md_table(["shape (in×out)", "count", "method", "run ms",
+            ["method", "first call s (incl. compile)", "warm s (median)", "sklearn / this (warm)",
+             "err / exact err: max", "mean"],
+            [[k, wm[k]["first_call_s"], wm[k]["warm_s"], wm[k]["sklearn_over_this"]["warm_s"],
+              f"{wm[k]['error_ratio_max']:.5f}", f"{wm[k]['error_ratio_mean']:.5f}"]
+             if k in wm else [k, "not run", "not run", "–", "–", "–"] for k in METHODS])
+        out.append(f"## {name}, rank {m['rank']}\n\nOne matrix per distinct shape ("
+                   f"{REPS} interleaved rounds, medians):\n\n"
+                   + common.md_table(["shape (in×out)", "count", "method", "run ms (median)",
                                       "compile ms", "rel. Frobenius err", "err / exact err",
                                       "max angle U (°)", "max angle V (°)"], rows)
-                   + f"\n\nWhole model ({wm['matrices']} matrices):\n\n" + whole + "\n")
+                   + f"\n\nWhole model ({wm['matrices']} matrices, {wm['rounds']} interleaved "
+                   "rounds; error ratios over every matrix):\n\n" + whole + "\n")
     ml = r["mistral_7b_layer"]
     rows = []
-    for shape, d in ml["shapes"].items():
-        for meth in ("exact", "randomized", "sklearn"):
-            if meth in d:
-                x = d[meth]
-                rows.append([shape, d["count"], meth, x["run_s"], x["compile_s"],
-                             f"{x['rel_frob_error']:.4f}", _ratio(x),
-                             x.get("max_angle_left_deg", float("nan"))])
+    for shape, dd in ml["shapes"].items():
+        for meth in METHODS:
+            if meth in dd:
+                x = dd[meth]
+                rows.append([shape, dd["count"], meth, x["run_s"], x["compile_s"],
+                             f"{x['rel_frob_error']:.4f}", _ratio(x), x["max_angle_left_deg"],
+                             x["max_angle_right_deg"]])
     layer = ", ".join(f"{k} {v:.1f} s" for k, v in ml["layer_s"].items())
     est = ", ".join(f"{k} {v / 60:.1f} min" for k, v in ml["model_s_estimate"].items())
     out.append(f"## Mistral-7B, one layer's shapes (synthetic weights), rank {ml['rank']}\n\n"
-               + common.md_table(["shape", "count", "method", "run s", "compile s",
-                                  "rel. Frobenius err", "err / exact err", "max angle U (°)"],
-                                 rows)
+               "Random matrices with a decaying spectrum (`synthetic`: 512 directions with "
+               "σ_i ∝ (1+i)^-0.7 plus 2% isotropic noise), not Mistral's weights.\n\n"
+               + common.md_table(["shape", "count", "method", "run s (median)", "compile s",
+                                  "rel. Frobenius err", "err / exact err", "max angle U (°)",
+                                  "max angle V (°)"], rows)
                + f"\n\nOne layer (run time × count): {layer}. Whole model (× {MISTRAL_LAYERS} "
-               f"layers, estimate): {est}. Exact SVD runs only on the k/v shape unless "
-               "`--exact-7b` (a 4096×4096 exact SVD alone takes minutes on 2 cores).\n")
+               f"layers, estimate): {est}. The exact SVD is timed only on the k/v shape unless "
+               "`--exact-7b` (a 4096×4096 exact SVD alone takes minutes on 2 cores); the error "
+               "ratios and angles of every shape are against the float64 reference.\n")
+    for sup in r.get("supplements", []):       # extra runs recorded next to this one
+        out.append(f"## {sup['title']}\n\n{sup['text']}\n")
     ep = r["demo_epoch"]
     ratios = ", ".join(f"{k} {v:.2%}" for k, v in ep["init_over_epoch"].items())
     out.append(f"## Init vs one epoch of the demo\n\n{ep['setup']}. Epoch ≈ {ep['how']} = "
@@ -270,13 +396,18 @@ def tables(r: dict) -> str:
                f"Whole-model init (first call, compile included) / epoch: {ratios} "
                "(the paper claims < 1%).\n")
     out.append("Accuracy: relative Frobenius error of the rank-r approximation, its ratio to "
-               "the exact truncation's (1 = optimal, Eckart–Young), and the largest principal "
-               "angle between the method's and the exact top-r singular subspaces. Ours runs "
-               "10 power iterations with 10 oversamples (LoraXSConfig defaults), like sklearn. "
-               "Small angles need a spectral gap at r; where σ_r ≈ σ_{r+1} any basis of the "
-               "near-degenerate directions is as good, "
-               "and the error ratio is the meaningful number. Single timings of one matrix are "
-               "noisy on this shared machine; the whole-model rows are the ones to read.\n")
+               "the exact truncation's ‖W − W_r‖_F (1 = optimal, Eckart–Young), and the largest "
+               "principal angles between the method's and the exact top-r singular subspaces; "
+               "the exact truncation is numpy's float64 eigendecomposition of the Gram matrix of "
+               "W's shorter side, independent of every method timed. Small angles need a "
+               "spectral gap at r; where σ_r ≈ σ_{r+1} (real weights) any basis of the "
+               "near-degenerate directions is as good, and the error ratio is the meaningful "
+               "number. Timing: the methods run in one process, interleaved round by round, on "
+               "a 2-core machine shared with a training job (and at times other work: see the "
+               "load above), so absolute times are noisy; the whole-model ratios are the numbers "
+               f"to read. BLAS/LAPACK ran with {r['blas_threads']} thread (OpenBLAS's default of "
+               "one per core spins against the other work on this machine: compare the two "
+               "sklearn rows of each shape); XLA's own matrix products use every core.\n")
     return "\n".join(out)
 
 

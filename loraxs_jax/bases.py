@@ -179,12 +179,10 @@ def _bases_for_matrices(w: jax.Array, keys: jax.Array, rank: int, cfg: LoraXSCon
     if cfg.init == "svd_random":
         std = jnp.std(w, axis=(-2, -1), keepdims=True)
         w = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (m, n)))(keys) * std
-    bottom = cfg.init == "svd_bottom"
-    if cfg.svd_method == "randomized" and not bottom:
-        u, s, vt = jax.vmap(lambda x, k: svd_lib.randomized_svd(
-            x, rank, k, oversample=cfg.oversample, power_iters=cfg.power_iters))(w, keys)
-    else:
-        u, s, vt = svd_lib.exact_svd(w, rank, bottom=bottom)
+    u, s, vt = jax.vmap(lambda x, k: svd_lib.truncated_svd(
+        x, rank, method=cfg.svd_method, key=k, oversample=cfg.oversample,
+        power_iters=cfg.power_iters, krylov_iters=cfg.krylov_iters,
+        bottom=cfg.init == "svd_bottom"))(w, keys)
     a = u if cfg.init == "svd_no_sigma" else u * s[..., None, :]
     return a, vt
 
@@ -194,12 +192,13 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
     """{kernel path: (A, B)} in float32, canonical: (*stack, *in_dims, r) and
     (*stack, r, *out_dims) (``Geometry.store`` gives the layout a param tree keeps).
 
-    Same-shaped matrices are SVD'd together (``svd_batch`` at a time, vmapped and jitted). For
-    kernels placed on a mesh of several devices each batch is split over all of them: every
-    device decomposes whole matrices of its own, in parallel, and no device ever holds more than
-    its share of one batch (a kernel's shards are never gathered whole on every device). The
-    randomness of the randomized SVD and of the random inits comes from ``cfg.bases_seed`` and the
-    kernel's path, so the config alone determines A and B for a given W.
+    Same-shaped matrices are SVD'd together (in equal chunks of at most ``svd_batch``, vmapped
+    and jitted: one compiled program per shape). For kernels placed on a mesh of several
+    devices each batch is split over all of them: every device decomposes whole matrices of its
+    own, in parallel, and no device ever holds more than its share of one batch (a kernel's
+    shards are never gathered whole on every device). The randomness of the randomized and
+    block-Krylov SVDs and of the random inits comes from ``cfg.bases_seed`` and the kernel's
+    path, so the config alone determines A and B for a given W.
     """
     if cfg.init == "given":
         raise ValueError("init='given': A and B came with the adapter (e.g. imported from the "
@@ -226,22 +225,23 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
                 keys.append(jax.random.fold_in(k, i))
         a_all, b_all = [], []
         ways = split.mesh.size if split else 1
-        chunk = -(-cfg.svd_batch // ways) * ways
+        # equal chunks of at most svd_batch (a multiple of the devices), the last one padded
+        # with copies: every chunk of a shape group runs the same compiled program
+        chunk = -(-len(mats) // -(-len(mats) // cfg.svd_batch))
+        chunk = -(-chunk // ways) * ways
         for lo in range(0, len(mats), chunk):
             w, ks = jnp.stack(mats[lo:lo + chunk]), jnp.stack(keys[lo:lo + chunk])
+            got = w.shape[0]
+            if got < chunk:
+                w = jnp.concatenate([w] + [w[-1:]] * (chunk - got))
+                ks = jnp.concatenate([ks] + [ks[-1:]] * (chunk - got))
             if split:             # each device decomposes its own matrices
-                got = w.shape[0]
-                pad = -got % ways
-                if pad:
-                    w = jnp.concatenate([w] + [w[-1:]] * pad)
-                    ks = jnp.concatenate([ks] + [ks[-1:]] * pad)
                 w = to_matrix_batch(w, split.mesh)
                 a, b = bases_program(r, cfg, w.sharding)(w, ks)
-                a, b = a[:got], b[:got]
             else:
                 a, b = _bases_jit(w.astype(jnp.float32), ks, r, cfg)
-            a_all.append(a)
-            b_all.append(b)
+            a_all.append(a[:got])
+            b_all.append(b[:got])
         a_all = jnp.concatenate(a_all) if len(a_all) > 1 else a_all[0]
         b_all = jnp.concatenate(b_all) if len(b_all) > 1 else b_all[0]
         i = 0

@@ -12,8 +12,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from loraxs_jax.svd import METHODS as SVD_METHODS
+
 INITS = ("svd", "svd_no_sigma", "svd_bottom", "random", "svd_random", "given")
-SVD_METHODS = ("exact", "randomized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +44,23 @@ class LoraXSConfig:
                        imported official LoRA-XS checkpoint: its randomized SVD is not
                        reproducible); pass them as ``apply(..., bases=)`` or a bases cache.
       r_std: R ~ N(0, r_std²); the paper uses 1e-5. 0 gives R = 0 (adapted model = base model).
-      svd_method: "exact" (jnp.linalg.svd) or "randomized" (Halko et al. 2011, as the paper).
+      svd_method: "exact" (jnp.linalg.svd), "randomized" (Halko et al. 2011 subspace
+        iteration, as the paper) or "block_krylov" (Musco & Musco 2015 block Lanczos: on all
+        210 real SmolLM2 matrices at r=32 a rank-r error within 1.0002x of the exact
+        truncation's, where "randomized" with the official n_iter=10 reaches 1.0011x, with
+        14 passes over W instead of 22, about half its products with W; see
+        benchmarks/results/svd_init.md). Matrices whose Krylov space
+        would span their shorter side get the exact SVD.
       oversample: extra columns of the randomized range finder.
       power_iters: power iterations of the randomized range finder. 10 and 10 match the official
         code's scikit-learn TruncatedSVD(n_iter=10): real weights have nearly equal singular
         values around r, and 4 iterations left the top-16 subspace of a MiniLM FFN matrix 58°
         from the exact one (10: 16°, with a rank-r error 1.00005x the exact one's).
+      krylov_iters: q, the products with WᵀW of "block_krylov"; its Krylov space has (q + 1)·b
+        dimensions (b = max(r, 16)) and costs (2q + 2)·b products of W with a vector ("randomized" costs
+        (2·power_iters + 2)·(r + oversample)). 6 kept the rank-r error within 1.0002x of the
+        exact one on every SmolLM2 matrix at r = 32 and every Mistral-7B-shaped test matrix
+        at r = 64 (benchmarks/results/svd_init.md).
       bases_dtype: dtype of A and B (e.g. "bfloat16"); None keeps the kernel's dtype.
         SVDs always run in float32.
       r_dtype: dtype of R (the trained master copy); float32 by default.
@@ -74,6 +86,7 @@ class LoraXSConfig:
     svd_method: str = "exact"
     oversample: int = 10
     power_iters: int = 10
+    krylov_iters: int = 6
     bases_dtype: str | None = None
     r_dtype: str = "float32"
     trainable: tuple[str, ...] = ()
@@ -98,8 +111,8 @@ class LoraXSConfig:
         set_("stacked_axes", _per_kernel("stacked_axes", self.stacked_axes, 0))
         set_("alpha", _real("alpha", self.alpha, positive=True))
         set_("r_std", _real("r_std", self.r_std, positive=False))
-        for name, minimum in (("oversample", 0), ("power_iters", 0), ("bases_seed", 0),
-                              ("svd_batch", 1)):
+        for name, minimum in (("oversample", 0), ("power_iters", 0), ("krylov_iters", 1),
+                              ("bases_seed", 0), ("svd_batch", 1)):
             set_(name, _integer(name, getattr(self, name), minimum))
         _choice("init", self.init, INITS)
         _choice("svd_method", self.svd_method, SVD_METHODS)
@@ -161,7 +174,8 @@ class LoraXSConfig:
         """The fields that determine A and B (for the bases cache key); R and α do not."""
         d = self.to_dict()
         return {k: d[k] for k in ("rank", "targets", "init", "svd_method", "oversample",
-                                  "power_iters", "bases_dtype", "in_axes", "stacked_axes", "bases_seed")}
+                                  "power_iters", "krylov_iters", "bases_dtype", "in_axes",
+                                  "stacked_axes", "bases_seed")}
 
 
 # ----------------------------------------------------------------------------- field checks

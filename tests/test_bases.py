@@ -80,17 +80,39 @@ def test_per_target_rank_stacked_and_dense_general():
     np.testing.assert_allclose(ab, (u[:, :4] * s[:4]) @ vt[:4], atol=1e-4)
 
 
-def test_randomized_method_close_to_exact_and_seeded(small_params):
+@pytest.mark.parametrize("method,options,tol", [("randomized", dict(power_iters=6), 1.02),
+                                                 ("block_krylov", dict(krylov_iters=2), 1.001)])
+def test_range_finder_methods_close_to_numpy_and_seeded(small_params, method, options, tol):
     p = small_params(5, {"q": (96, 64)})
-    ex = lx.apply(p, lx.LoraXSConfig(rank=8, targets=("q/kernel$",)), 0)["layer"]["q"]
-    cfg = lx.LoraXSConfig(rank=8, targets=("q/kernel$",), svd_method="randomized",
-                          power_iters=6)
+    cfg = lx.LoraXSConfig(rank=8, targets=("q/kernel$",), svd_method=method, **options)
     rd = lx.apply(p, cfg, 0)["layer"]["q"]
     rd2 = lx.apply(p, cfg, 1)["layer"]["q"]
     assert np.array_equal(rd["kernel_loraxs_A"], rd2["kernel_loraxs_A"])  # bases ignore rng
-    w = np.asarray(p["layer"]["q"]["kernel"])
-    err = lambda n: np.linalg.norm(w - n["kernel_loraxs_A"] @ n["kernel_loraxs_B"])
-    assert err(rd) < err(ex) * 1.02
+    other = lx.apply(p, dataclasses.replace(cfg, bases_seed=1), 0)["layer"]["q"]
+    assert not np.array_equal(rd["kernel_loraxs_A"], other["kernel_loraxs_A"])
+    w = np.asarray(p["layer"]["q"]["kernel"], np.float64)
+    s = np.linalg.svd(w, compute_uv=False)
+    a, b = np.asarray(rd["kernel_loraxs_A"]), np.asarray(rd["kernel_loraxs_B"])
+    assert np.linalg.norm(w - a @ b) < np.sqrt(np.sum(s[8:] ** 2)) * tol
+    np.testing.assert_allclose(b @ b.T, np.eye(8), atol=1e-5)          # B = V_rᵀ orthonormal
+    np.testing.assert_allclose(np.linalg.norm(a, axis=0), s[:8], rtol=0.05)   # A = U_r Σ_r
+
+
+def test_same_shaped_matrices_run_in_equal_chunks_of_one_program():
+    """70 matrices with svd_batch=32: three chunks of 24 (the last padded by two copies), one
+    compiled program; every matrix's bases are its own."""
+    from loraxs_jax import bases
+
+    rng = np.random.default_rng(11)
+    p = {"stack": {"kernel": jnp.asarray(rng.normal(size=(70, 12, 10)), jnp.float32)}}
+    cfg = lx.LoraXSConfig(rank=3, targets=("kernel$",), stacked_axes=1, svd_batch=32)
+    before = bases._bases_jit._cache_size()
+    a, b = bases.compute_bases(p, cfg)["stack/kernel"]
+    assert bases._bases_jit._cache_size() - before == 1
+    assert a.shape == (70, 12, 3) and b.shape == (70, 3, 10)
+    for i in (0, 47, 48, 69):
+        u, s, vt = np.linalg.svd(np.asarray(p["stack"]["kernel"][i], np.float64))
+        np.testing.assert_allclose(a[i] @ b[i], (u[:, :3] * s[:3]) @ vt[:3], atol=1e-5)
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -53,9 +53,14 @@ BAD_FIELDS = [
     ("init", "kaiming", r"init='kaiming': unknown; choose one of svd"),
     ("r_std", -1.0, r"r_std=-1.0: expected a finite number >= 0"),
     ("r_std", float("nan"), r"r_std=nan: expected a finite number >= 0"),
-    ("svd_method", "lanczos", r"svd_method='lanczos': unknown; choose one of exact, randomized"),
+    ("svd_method", "lanczos",
+     r"svd_method='lanczos': unknown; choose one of exact, randomized, block_krylov"),
     ("oversample", -5, r"oversample=-5: expected an int >= 0"),          # was: reshape error
     ("power_iters", 2.0, r"power_iters=2.0: expected an int >= 0"),
+    ("power_iters", -1, r"power_iters=-1: expected an int >= 0"),
+    ("oversample", True, r"oversample=True: expected an int >= 0"),
+    ("krylov_iters", 0, r"krylov_iters=0: expected an int >= 1"),    # a Krylov space of P₀ alone
+    ("krylov_iters", 2.5, r"krylov_iters=2.5: expected an int >= 1"),
     ("bases_dtype", "float33", r"bases_dtype='float33': expected the name of a floating dtype"),
     ("bases_dtype", "int8", r"bases_dtype='int8': expected the name of a floating dtype"),
     ("r_dtype", "int8", r"r_dtype='int8': expected the name of a floating dtype"),

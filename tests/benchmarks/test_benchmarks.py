@@ -67,16 +67,26 @@ def test_train_step_sane(smoke):
 
 def test_svd_init_sane(smoke):
     r = smoke[1]["svd_init"]
+    methods = ("exact", "randomized", "block_krylov", "sklearn")
     for model in r["models"].values():
         for shape in model["per_shape"].values():
-            for method in ("exact", "randomized", "sklearn"):
+            for method in methods:
                 d = shape[method]
                 assert 0 <= d["rel_frob_error"] <= 1
-                assert d["error_vs_exact"] >= 1 - 1e-3         # Eckart–Young: exact is optimal
-                assert 0 <= d["max_angle_left_deg"] <= 90
+                assert d["error_vs_exact"] >= 1 - 1e-5         # Eckart–Young: exact is optimal
+                assert 0 <= d["max_angle_left_deg"] <= 90 and 0 <= d["max_angle_right_deg"] <= 90
+                assert len(d["times_s"]) == 3 and _finite_positive(d["run_s"])
+            assert shape["exact"]["error_vs_exact"] < 1 + 1e-5
             assert shape["exact"]["max_angle_left_deg"] < 1
-        for method in ("exact", "randomized", "sklearn"):
-            assert _finite_positive(model["whole_model"][method]["first_call_s"])
+        wm = model["whole_model"]
+        for method in methods:
+            assert _finite_positive(wm[method]["first_call_s"])
+            assert 1 - 1e-5 <= wm[method]["error_ratio_mean"] <= wm[method]["error_ratio_max"]
+            assert wm[method]["sklearn_over_this"]["warm_s"] == pytest.approx(
+                wm["sklearn"]["warm_s"] / wm[method]["warm_s"])
+        assert wm["exact"]["error_ratio_max"] < 1 + 1e-5
+    ml = r["mistral_7b_layer"]
+    assert set(ml["layer_s"]) == set(methods) and ml["sklearn_over_this"]["sklearn"] == 1
     ep = r["demo_epoch"]
     assert ep["steps_per_epoch"] == math.ceil(9700 / 32)
     assert all(_finite_positive(v) for v in ep["init_over_epoch"].values())

@@ -33,6 +33,7 @@ BAD = [
     ("loraxs.svd_method", "lanczos", r"LoraXSConfig.svd_method='lanczos'"),
     ("loraxs.power_iters", -1, r"LoraXSConfig.power_iters=-1"),
     ("loraxs.oversample", -5, r"LoraXSConfig.oversample=-5"),
+    ("loraxs.krylov_iters", 0, r"LoraXSConfig.krylov_iters=0"),
     ("loraxs.bases_dtype", "float33", r"LoraXSConfig.bases_dtype='float33'"),
     ("loraxs.r_dtype", "int8", r"LoraXSConfig.r_dtype='int8'"),
     ("loraxs.bases_seed", -1, r"LoraXSConfig.bases_seed=-1"),
