@@ -39,15 +39,20 @@ from loraxs_jax.models import encoder as enc
 from loraxs_jax.serving import AdapterBank, AdapterStore, rows
 
 
-def rss_bytes() -> int:
-    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+def rss_bytes() -> dict[str, int]:
+    """This process's resident memory (Linux /proc; zeros elsewhere): ``total`` (VmRSS),
+    ``anon`` (private memory) and ``file`` (mapped file pages, the store's among them, which the
+    kernel can drop and re-read)."""
+    out = {"total": 0, "anon": 0, "file": 0}
+    keys = {"VmRSS:": "total", "RssAnon:": "anon", "RssFile:": "file"}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+            k = line.split(":")[0] + ":"
+            if k in keys:
+                out[keys[k]] = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return out
 
 
 def _model(smoke: bool):
@@ -184,11 +189,14 @@ def tables(r: dict) -> str:
             [[f"{r['adapters']:,}", f"{r['store_bytes'] / gib:.2f} GiB",
               f"{r['build_s'] / 60:.1f} min", f"{r['write_s_per_adapter'] * 1e3:.2f} ms",
               f"{r['pack_s_per_adapter'] * 1e3:.2f} ms"]]),
+        "Resident memory of the process (VmRSS = private + mapped file pages):",
         common.md_table(
-            ["RSS at start", "after building", "store opened (bank of "
-             f"{r['capacity']} slots)", "after serving"],
-            [[f"{rss[k] / common.MB:,.0f} MiB" for k in
-              ("start", "after_build", "store_open", "after_serving")]]),
+            ["", "at start", "after building", f"store opened (bank of {r['capacity']} slots)",
+             "after serving"],
+            [[kind] + [f"{rss[k][key] / common.MB:,.0f} MiB" for k in
+                       ("start", "after_build", "store_open", "after_serving")]
+             for kind, key in (("VmRSS", "total"), ("private (RssAnon)", "anon"),
+                               ("mapped file (RssFile)", "file"))]),
         f"Cold adapter made servable (one `ensure`: its row read from the map, scattered into a "
         f"slot): p50 {r['cold_one_s']['p50'] * 1e3:.2f} ms, p99 "
         f"{r['cold_one_s']['p99'] * 1e3:.2f} ms over {r['cold_one_s']['n']:,} random adapters "

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import json
+import mmap
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -430,6 +431,11 @@ class AdapterStore:
                             "with AdapterStore.create")
         self.meta = json.loads(meta.read_text())
         self.rows_file = np.load(self.folder / "rows.npy", mmap_mode="r")
+        # Requests name adapters at random: without this hint every cold row pulls the kernel's
+        # readahead window (megabytes) into memory with it.
+        mapped = getattr(self.rows_file, "_mmap", None)
+        if mapped is not None and hasattr(mmap, "MADV_RANDOM"):
+            mapped.madvise(mmap.MADV_RANDOM)
         names = json.loads((self.folder / "names.json").read_text())
         self.index = {n: i for i, n in enumerate(names)}
 
