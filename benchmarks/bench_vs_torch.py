@@ -178,6 +178,9 @@ def measure(folder: Path, batch_size: int, seq: int, rank: int, alpha: float, re
     ours = _our_steps(folder, batch, rank, alpha, devices)
     theirs = _torch_steps(folder, batch, rank, alpha)
     fns = {f"ours/{m}": ours[m] for m in METHODS} | {f"torch/{m}": theirs[m] for m in METHODS}
+    if devices > 1:              # the step before the runtime section: one device
+        one = _our_steps(folder, batch, rank, alpha, 1)
+        fns |= {f"ours_1dev/{m}": one[m] for m in METHODS}
     times = common.interleaved(fns, reps, warmup=2)
     rows = {}
     for m in METHODS:
@@ -186,6 +189,10 @@ def measure(folder: Path, batch_size: int, seq: int, rank: int, alpha: float, re
                    "ours_times_s": a, "torch_times_s": b,
                    "ratio": common.median([x / y for x, y in zip(a, b)]),
                    "ratio_of_medians": common.median(a) / common.median(b)}
+        if devices > 1:
+            c = times[f"ours_1dev/{m}"]
+            rows[m] |= {"ours_1dev_median_s": common.median(c), "ours_1dev_times_s": c,
+                        "ratio_1dev": common.median([x / y for x, y in zip(c, b)])}
     return {"setup": f"batch {batch_size}×{seq} random ids, rank {rank}, α {alpha}, AdamW, "
                      f"dropout off, {threads} threads each; ours on {devices} host device(s) "
                      f"({jax.device_count()} present)",
@@ -195,19 +202,24 @@ def measure(folder: Path, batch_size: int, seq: int, rank: int, alpha: float, re
 
 def table(data: dict) -> str:
     r = data["result"]
+    one = r["devices"] > 1
     rows = [[LABELS[m], d["ours_median_s"] * 1e3, d["torch_median_s"] * 1e3, d["ratio"],
-             d["ratio_of_medians"]] for m, d in r["methods"].items()]
+             d["ratio_of_medians"]] + ([d["ours_1dev_median_s"] * 1e3, d["ratio_1dev"]]
+                                       if one else []) for m, d in r["methods"].items()]
     t = common.md_table(["method", "ours ms (median)", "torch ms (median)",
-                         "ours/torch (paired median)", "ratio of medians"], rows)
+                         "ours/torch (paired median)", "ratio of medians"]
+                        + (["ours on 1 device ms", "1 device/torch (paired)"] if one else []),
+                        rows)
     return (f"## {data['model']}\n\n{r['setup']}; torch {r['torch']}; "
             f"{len(r['methods']['loraxs']['ours_times_s'])} rounds\n\n{t}\n\n{NOTES}")
 
 
-NOTES = """Notes. One process, six contenders interleaved round-robin (the starting one rotates
+NOTES = """Notes. One process, all contenders interleaved round-robin (the starting one rotates
 each round); "paired" is the median over rounds of ours/torch timed back to back in that round,
 robust to load that drifts on a shared machine. The machine is shared with other jobs: read the
 ratios, not the absolute times. Ours runs the demo's CPU runtime settings (the config's ``runtime``
-section); torch runs eager with ``torch.set_num_threads`` equal to our core count.
+section); torch runs eager with ``torch.set_num_threads`` equal to our core count. "1 device":
+our step as it ran before the runtime section (one host device), in the same rounds.
 """
 
 
