@@ -261,8 +261,9 @@ for the demo, a data-parallel step over the two cores: paired 0.98 (LoRA-XS), 0.
 quieter measurement (0.67 s against 0.81 s). A small gain for LoRA-XS, in every measurement.
 `runtime.compile_cache` (JAX's
 persistent compilation cache, on by default): the first step of three length buckets took
-48.6 s cold and 12.4 s from the cache, setup 58 s → 43 s (the demo compiles one step per
-length bucket: widths 16, 32, 48, 64). The demo's accuracy is unchanged: 0.8394 final on SST-2
+48.6 s cold (36.9 s in another cold run) and 12.4 s from the cache; setup was too noisy to
+tell (29–58 s cold, 43 s cached). The demo compiles one train step per
+length bucket (widths 16, 32, 48, 64). The demo's accuracy is unchanged: 0.8394 final on SST-2
 validation with both, as before (83.94 %).
 
 **The demo** (`train.py --config=configs/minilm_sst2.py`, 304 steps, 4 evaluations), two runs
