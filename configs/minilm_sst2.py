@@ -52,4 +52,7 @@ def get_config(arg: str = ""):
     c.eval_every_steps = 100
     c.eval_batch_size = 128
     c.log_every_steps = 20
+    # two host devices, a data-parallel step over the two cores: XLA's CPU step gains little
+    # from a second thread, two half batches do better (benchmarks/results/vs_torch.md)
+    c.runtime.host_devices = 2
     return c

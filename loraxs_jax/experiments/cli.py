@@ -73,11 +73,19 @@ def importable_configs(argv: Sequence[str]) -> None:
             make_importable(a.split("=", 1)[1].split(":", 1)[0])
 
 
-def start() -> None:
-    """First thing in a program: join a multi-process job if the environment describes one,
-    and set up a quiet console (:func:`quiet_console`)."""
+def start(config: ml_collections.ConfigDict | None = None) -> None:
+    """First thing in a program: validate ``config`` and apply its ``runtime`` section (host
+    devices, XLA flags, compilation cache: :mod:`~loraxs_jax.experiments.runtime`) before JAX
+    starts, join a multi-process job if the environment describes one, and set up a quiet
+    console (:func:`quiet_console`)."""
     from loraxs_jax.parallel import maybe_initialize_distributed
 
+    if config is not None:
+        from loraxs_jax.experiments import runtime
+        from loraxs_jax.experiments.validate import validate
+
+        validate(config)
+        runtime.configure(config.runtime)
     maybe_initialize_distributed()
     quiet_console()
 

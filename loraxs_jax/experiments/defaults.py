@@ -144,6 +144,11 @@ def base() -> ml_collections.ConfigDict:
     c.mesh.data = -1             # data-parallel axis size (-1 = fill the remaining devices)
     c.mesh.fsdp = 1              # fully-sharded-data-parallel axis size
     c.mesh.tensor = 1            # tensor-parallel axis size
+
+    c.runtime = ml_collections.ConfigDict()   # how JAX runs here, set before it starts (runtime.py)
+    c.runtime.host_devices = 0   # CPU: split the host into N XLA devices (data parallel); 0 = one
+    c.runtime.xla_flags = ""     # extra XLA flags ("--xla_cpu_...=..."), appended to XLA_FLAGS
+    c.runtime.compile_cache = "~/.cache/loraxs_jax/xla_cache"  # persistent compiles; "" = off
     return c
 
 

@@ -86,7 +86,7 @@ def main(argv: Sequence[str]) -> None:
 
     from loraxs_jax.experiments import cli
 
-    cli.start()
+    cli.start(flags.FLAGS.config)
     FLAGS = flags.FLAGS
     scores = evaluate(FLAGS.config, FLAGS.adapter, FLAGS.mode, FLAGS.out)
     print(json.dumps(scores, indent=2))

@@ -45,7 +45,7 @@ def main(argv: Sequence[str]) -> None:
 
     from loraxs_jax.experiments import cli
 
-    cli.start()
+    cli.start(flags.FLAGS.config)
     sweep(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.seeds)
 
 

@@ -402,7 +402,7 @@ def main(argv: Sequence[str]) -> None:
 
     from loraxs_jax.experiments import cli
 
-    cli.start()
+    cli.start(flags.FLAGS.config)
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

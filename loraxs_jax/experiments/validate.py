@@ -32,6 +32,7 @@ from typing import Any
 import ml_collections
 
 from loraxs_jax.config import LoraXSConfig
+from loraxs_jax.experiments import runtime
 from loraxs_jax.experiments.assets import ASSETS
 from loraxs_jax.experiments.data.commonsense import COMMONSENSE_TASKS
 from loraxs_jax.experiments.data.glue import GLUE_TASKS
@@ -176,6 +177,8 @@ def _fields() -> dict[str, Check | None]:
         "keep_checkpoints": integer(1),
         "generation.max_new_tokens": integer(1), "generation.batch_size": integer(1),
         "mesh.data": integer(1, -1), "mesh.fsdp": integer(1, -1), "mesh.tensor": integer(1, -1),
+        "runtime.host_devices": integer(0), "runtime.xla_flags": runtime.check_xla_flags,
+        "runtime.compile_cache": runtime.check_cache,
     }
     # the loraxs section holds LoraXSConfig's fields; LoraXSConfig itself checks them
     fields.update({f"loraxs.{f.name}": None for f in dataclasses.fields(LoraXSConfig)})
@@ -187,7 +190,8 @@ SECTIONS = sorted({name.split(".")[0] for name in FIELDS if "." in name})
 # Fields that only say how a run is watched or placed: they may change on any resume.
 FREE = frozenset({"resume", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                   "eval_batch_size", "generation.batch_size", "mesh.data", "mesh.fsdp",
-                  "mesh.tensor"})
+                  "mesh.tensor", "runtime.host_devices", "runtime.xla_flags",
+                  "runtime.compile_cache"})
 # Fields the checkpoint (its tree, shapes, dtypes) or the data stream depend on: never changed
 # in a workdir. Every loraxs field is one of them.
 FIXED = frozenset({"method", "seed", "model.kind", "model.path", "model.head",

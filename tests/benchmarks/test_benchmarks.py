@@ -218,3 +218,21 @@ def test_lora_baseline_against_numpy():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=2e-4)
     with pytest.raises(ValueError, match="matched no 2-D kernel"):
         common.lora_apply(s.params, ("nothing_here",), 4, 8.0)
+
+
+def test_vs_torch_sane(tmp_path, monkeypatch):
+    """bench_vs_torch at smoke size: ours and torch side by side on a tiny BERT, every method,
+    finite positive times and ratios (the reference extra, torch, is installed by make test)."""
+    pytest.importorskip("torch")
+    from benchmarks import bench_vs_torch
+
+    monkeypatch.setenv("LORAXS_BENCH_RESULTS", str(tmp_path))
+    r = bench_vs_torch.run(smoke=True)
+    methods = r["result"]["methods"]
+    assert set(methods) == set(bench_vs_torch.METHODS)
+    for d in methods.values():
+        assert _finite_positive(d["ours_median_s"]) and _finite_positive(d["torch_median_s"])
+        assert _finite_positive(d["ratio"]) and len(d["ours_times_s"]) == len(d["torch_times_s"])
+    data = json.loads((tmp_path / "smoke" / "vs_torch.json").read_text())
+    assert data["benchmark"] == "vs_torch" and data["smoke"] is True
+    assert (tmp_path / "smoke" / "vs_torch.md").read_text().startswith("# vs_torch")

@@ -74,6 +74,9 @@ BAD = [
     ("mesh.data", 0, r"an int >= 1 or -1"),
     ("mesh.fsdp", -2, r"an int >= 1 or -1"),
     ("mesh.tensor", 2.5, r"an int >= 1 or -1"),
+    ("runtime.host_devices", -2, r"an int >= 0"),
+    ("runtime.xla_flags", "fast_math=true", r"space-separated --xla_\.\.\. flags"),
+    ("runtime.compile_cache", 0, r"a folder path"),
 ]
 
 
