@@ -122,3 +122,17 @@ def test_store_serves_the_same_rows_and_refuses_another_bank(decoder_zoo, tmp_pa
     other = dec.init_params(z.config, jax.random.key(9))
     with pytest.raises(BankError, match="packed for another bank"):
         AdapterBank(other, z.cfg, 5, source=AdapterStore(tmp_path / "store"))
+    # rows come straight from the file, in the order asked, repeats included
+    direct = np.load(tmp_path / "store" / "rows.npy")
+    names = store.names()
+    want = direct[[names.index(n) for n in ("a2", "s2", "a2")]]
+    np.testing.assert_array_equal(store.rows(ref, ["a2", "s2", "a2"]), want)
+    with pytest.raises(BankError, match="unknown adapter 'nope'"):
+        store.rows(ref, ["nope"])
+    rows_file = tmp_path / "store" / "rows.npy"          # cut short: refused by name
+    opened = AdapterStore(tmp_path / "store")
+    rows_file.write_bytes(rows_file.read_bytes()[:-8])
+    with pytest.raises(BankError, match="row 3 is cut short"):
+        opened.rows(ref, [names[3]])
+    with pytest.raises(BankError, match="rows.npy cannot be read"):
+        AdapterStore(tmp_path / "store")
