@@ -165,6 +165,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def _seconds(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.0f}"
+
+
 def _fmt_lr(lr: float) -> str:
     return f"{lr:g}"
 
@@ -208,7 +212,7 @@ def table(variants: dict[str, Variant]) -> str:
             f"{','.join(str(r.seed) for r in v.seeds)} | {_pct(v.median)} | {_pct(v.spread)} | "
             f"{_pct(statistics.median(r.final for r in v.seeds))} | "
             f"{v.seeds[0].summary['steps']} | "
-            f"{statistics.median(r.summary['total_seconds'] for r in v.seeds):.0f} |")
+            f"{_seconds(statistics.median(r.summary['total_seconds'] for r in v.seeds))} |")
     return "\n".join(lines)
 
 

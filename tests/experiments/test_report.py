@@ -60,6 +60,8 @@ def test_a_base_model_joins_as_variant_base(tmp_path):
     done = report.report(runs, tmp_path / "docs", n_eval=570)
     base = done["variants"]["base"]
     assert base.median == 0.40 and base.summary["trainable_params"] == 0
+    assert "| base | base | - | - | 0 | 0: 40.00 | 0 | 0 | 40.00 | 0.00 | 40.00 | 0 | - |" in (
+        tmp_path / "docs" / "results.md").read_text()
     (finding,) = done["findings"]
     assert finding["b"] == "base" and finding["verdict"] == "reproduced"   # 16 pts
     assert finding["noise"] == pytest.approx((0.56 * 0.44 / 570 + 0.4 * 0.6 / 570) ** 0.5)
