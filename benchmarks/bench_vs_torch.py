@@ -67,7 +67,7 @@ def _our_steps(folder: Path, batch: dict, rank: int, alpha: float, devices: int)
         t = jax.tree.map(lambda x: jax.device_put(x, whole).copy(), t)
         f = jax.device_put(f, whole)
         state = [t, jax.device_put(tx.init(t), whole)]
-        step = jax.jit(common._optimizer_step(lambda p, b, fn=fn: setup.loss(fn, p, b), tx),
+        step = jax.jit(common.optimizer_step(lambda p, b, fn=fn: setup.loss(fn, p, b), tx),
                        donate_argnums=(0, 1))
 
         def thunk(step=step, state=state, f=f):

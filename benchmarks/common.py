@@ -381,7 +381,7 @@ class Step:
         return self.compiled(*self.args)
 
 
-def _optimizer_step(loss: Callable, tx: optax.GradientTransformation):
+def optimizer_step(loss: Callable, tx: optax.GradientTransformation):
     def step(trainable, opt_state, frozen, batch):
         value, grads = jax.value_and_grad(lambda t: loss(combine(t, frozen), batch))(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -438,13 +438,13 @@ def train_steps(s: Setup, methods: Sequence[str] = METHODS, rank: int | None = N
             if m == "loraxs":
                 cfg = s.loraxs_config(rank)
                 t, f = loraxs_jax.split(loraxs_jax.apply(s.params, cfg, 0, bases=bases), cfg)
-                fn = _optimizer_step(loss(loraxs_jax.wrap(s.model.apply)), tx)
+                fn = optimizer_step(loss(loraxs_jax.wrap(s.model.apply)), tx)
             elif m == "lora":
                 t, f = lora_split(lora_apply(s.params, s.targets, rank, s.alpha, 0))
-                fn = _optimizer_step(loss(lora_wrap(s.model.apply)), tx)
+                fn = optimizer_step(loss(lora_wrap(s.model.apply)), tx)
             elif m == "full":
                 t, f = s.params, {}
-                fn = _optimizer_step(loss(s.model.apply), tx)
+                fn = optimizer_step(loss(s.model.apply), tx)
             else:
                 raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
             args, n = (t, tx.init(t), f, s.batch), _n(t)

@@ -326,3 +326,9 @@ def gathered(w: jax.Array) -> jax.Array:
 _bases_jit = jax.jit(_bases_for_matrices, static_argnums=(2, 3))
 
 
+def one_device_programs() -> int:
+    """How many programs the one-device path of :func:`compute_bases` has compiled so far: one
+    per (chunk shape, rank, config), never one per chunk."""
+    return _bases_jit._cache_size()
+
+
