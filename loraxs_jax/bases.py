@@ -167,8 +167,16 @@ def as_key(rng) -> jax.Array:
     return jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
 
 
-def _bases_for_matrices(w: jax.Array, keys: jax.Array, rank: int, cfg: LoraXSConfig):
-    """w: (b, m, n) float32, keys: (b,) → A (b, m, r), B (b, r, n) per ``cfg.init``."""
+def _bases_for_matrices(w: jax.Array, keys: jax.Array, rank: int, cfg: LoraXSConfig,
+                        one_at_a_time: bool = False):
+    """w: (b, m, n) float32, keys: (b,) → A (b, m, r), B (b, r, n) per ``cfg.init``.
+
+    ``one_at_a_time`` decomposes the matrices in a loop (``lax.map``) instead of as one batch:
+    every LAPACK call (QR, eigh, SVD) then sees a single matrix. jaxlib's CPU LAPACK kernels
+    split a *batch* over XLA's CPU thread pool and block a pool thread until the pieces finish;
+    when several CPU devices run such a call at once and the pool has no thread left (2 devices
+    on a 2-core host), every thread waits on work that none is free to run, and the program
+    hangs for ever. A single matrix runs inline, so the loop is what CPU meshes use."""
     b, m, n = w.shape
     if cfg.init == "random":
         ka, kb = jax.vmap(lambda k: jax.random.split(k))(keys).swapaxes(0, 1)
@@ -179,10 +187,16 @@ def _bases_for_matrices(w: jax.Array, keys: jax.Array, rank: int, cfg: LoraXSCon
     if cfg.init == "svd_random":
         std = jnp.std(w, axis=(-2, -1), keepdims=True)
         w = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (m, n)))(keys) * std
-    u, s, vt = jax.vmap(lambda x, k: svd_lib.truncated_svd(
-        x, rank, method=cfg.svd_method, key=k, oversample=cfg.oversample,
-        power_iters=cfg.power_iters, krylov_iters=cfg.krylov_iters,
-        bottom=cfg.init == "svd_bottom"))(w, keys)
+    def one(x, k):
+        return svd_lib.truncated_svd(
+            x, rank, method=cfg.svd_method, key=k, oversample=cfg.oversample,
+            power_iters=cfg.power_iters, krylov_iters=cfg.krylov_iters,
+            bottom=cfg.init == "svd_bottom")
+
+    if one_at_a_time:
+        u, s, vt = jax.lax.map(lambda xk: one(*xk), (w, keys))
+    else:
+        u, s, vt = jax.vmap(one)(w, keys)
     a = u if cfg.init == "svd_no_sigma" else u * s[..., None, :]
     return a, vt
 
@@ -239,7 +253,7 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
                 w = to_matrix_batch(w, split.mesh)
                 a, b = bases_program(r, cfg, w.sharding)(w, ks)
             else:
-                a, b = _bases_jit(w.astype(jnp.float32), ks, r, cfg)
+                a, b = _bases_jit(w.astype(jnp.float32), ks, r, cfg, _on_cpu_devices(w))
             a_all.append(a[:got])
             b_all.append(b[:got])
         a_all = jnp.concatenate(a_all) if len(a_all) > 1 else a_all[0]
@@ -302,9 +316,16 @@ def to_matrix_batch(w: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.
 def bases_program(rank: int, cfg: LoraXSConfig, split: NamedSharding):
     """``(w, keys) -> (A, B)`` for matrices split over the mesh by ``split``, keys alike."""
     keys = NamedSharding(split.mesh, PartitionSpec(split.spec[0]))
-    jitted = jax.jit(lambda w, kd: _bases_for_matrices(w.astype(jnp.float32),
-                                                       jax.random.wrap_key_data(kd), rank, cfg),
-                     in_shardings=(split, keys), out_shardings=(split, split))
+    cpu = _on_cpu_devices(split)
+
+    def body(w, kd):
+        return _bases_for_matrices(w.astype(jnp.float32), jax.random.wrap_key_data(kd), rank,
+                                   cfg, one_at_a_time=cpu)
+
+    if cpu:                   # each device loops over its own matrices (see _bases_for_matrices)
+        body = jax.shard_map(body, mesh=split.mesh, in_specs=(split.spec, keys.spec),
+                             out_specs=(split.spec, split.spec))
+    jitted = jax.jit(body, in_shardings=(split, keys), out_shardings=(split, split))
 
     def run(w, ks):
         # keys travel as host data: a one-device array cannot be put on a mesh that spans
@@ -323,7 +344,17 @@ def gathered(w: jax.Array) -> jax.Array:
     return jax.device_put(w, NamedSharding(sharding.mesh, PartitionSpec()))
 
 
-_bases_jit = jax.jit(_bases_for_matrices, static_argnums=(2, 3))
+_bases_jit = jax.jit(_bases_for_matrices, static_argnums=(2, 3, 4))
+
+
+def _on_cpu_devices(x) -> bool:
+    """An array (or sharding) that spans several CPU devices: its LAPACK calls must see one
+    matrix at a time (``_bases_for_matrices``)."""
+    sharding = x if isinstance(x, jax.sharding.Sharding) else getattr(x, "sharding", None)
+    if isinstance(x, jax.core.Tracer) or sharding is None:
+        return False
+    devices = sharding.device_set
+    return len(devices) > 1 and all(d.platform == "cpu" for d in devices)
 
 
 def one_device_programs() -> int:

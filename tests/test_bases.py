@@ -170,3 +170,42 @@ def test_matrix_batch_reshard_moves_one_axis_at_a_time(mesh_of):
         assert got.sharding.spec == want, spec
         assert got.addressable_shards[0].data.shape == (1, 4, 8)     # whole matrices
         np.testing.assert_array_equal(np.asarray(got), x)
+
+
+_TWO_DEVICE_BASES = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import loraxs_jax as lx
+from loraxs_jax.bases import compute_bases
+params = {"l": {"q": {"kernel": jnp.asarray(
+    np.random.default_rng(0).standard_normal((8, 256, 256)), jnp.float32)}}}
+for method in ("block_krylov", "randomized", "exact"):
+    cfg = lx.LoraXSConfig(rank=32, targets=(r"kernel$",), stacked_axes=1, svd_method=method)
+    want = compute_bases(params, cfg)["l/q/kernel"]
+    for kind in (AxisType.Auto, AxisType.Explicit):   # split over the mesh / replicated
+        mesh = jax.make_mesh((2,), ("data",), axis_types=(kind,))
+        got = compute_bases(jax.device_put(params, NamedSharding(mesh, P())), cfg)["l/q/kernel"]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+print("done")
+"""
+
+
+def test_bases_on_two_cpu_devices_finish_and_match_one_device():
+    """Batched LAPACK calls (QR, eigh, SVD) run on two CPU devices at once deadlocked jaxlib
+    0.10's thread pool on a 2-core host: every pool thread waited on a batch piece that no
+    thread was free to run, and compute_bases of mesh-placed kernels hung for ever. On CPU
+    meshes the bases are now decomposed one matrix at a time per device; this runs the mesh
+    paths in a fresh process with exactly 2 devices (the failing case) under a timeout."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    try:
+        out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_BASES], env=env, timeout=120,
+                             capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("compute_bases on 2 CPU devices hung (LAPACK thread-pool deadlock)")
+    assert out.returncode == 0 and out.stdout.strip().endswith("done"), out.stderr[-3000:]
