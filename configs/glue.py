@@ -57,7 +57,7 @@ def get_config(arg: str = "task=sst2,rank=25"):
     c.loraxs.targets = PAPER_TARGETS
     c.loraxs.init = opts["init"]
     c.loraxs.svd_method = "block_krylov"   # 1024-wide RoBERTa-large matrices: the paper's
-    # randomized SVD's accuracy (better) with 14 passes over W instead of 22
+    # randomized SVD's accuracy (better) with under half its products with W
     # (benchmarks/results/svd_init.md)
     c.loraxs.trainable = (r"^classifier/",)
     c.task.name = "glue"

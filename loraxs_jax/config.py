@@ -46,21 +46,21 @@ class LoraXSConfig:
       r_std: R ~ N(0, r_std²); the paper uses 1e-5. 0 gives R = 0 (adapted model = base model).
       svd_method: "exact" (jnp.linalg.svd), "randomized" (Halko et al. 2011 subspace
         iteration, as the paper) or "block_krylov" (Musco & Musco 2015 block Lanczos: on all
-        210 real SmolLM2 matrices at r=32 a rank-r error within 1.0002x of the exact
+        210 real SmolLM2 matrices at r=32 a rank-r error within 1.0003x of the exact
         truncation's, where "randomized" with the official n_iter=10 reaches 1.0011x, with
-        14 passes over W instead of 22, about half its products with W; see
-        benchmarks/results/svd_init.md). Matrices whose Krylov space
-        would span their shorter side get the exact SVD.
+        under half its products with W; see benchmarks/results/svd_init.md). Matrices whose
+        shorter side is below 1.25x the Krylov space get the eigendecomposition of their
+        Gram matrix instead.
       oversample: extra columns of the randomized range finder.
       power_iters: power iterations of the randomized range finder. 10 and 10 match the official
         code's scikit-learn TruncatedSVD(n_iter=10): real weights have nearly equal singular
         values around r, and 4 iterations left the top-16 subspace of a MiniLM FFN matrix 58°
         from the exact one (10: 16°, with a rank-r error 1.00005x the exact one's).
       krylov_iters: q, the products with WᵀW of "block_krylov"; its Krylov space has (q + 1)·b
-        dimensions (b = max(r, 16)) and costs (2q + 2)·b products of W with a vector ("randomized" costs
-        (2·power_iters + 2)·(r + oversample)). 6 kept the rank-r error within 1.0002x of the
-        exact one on every SmolLM2 matrix at r = 32 and every Mistral-7B-shaped test matrix
-        at r = 64 (benchmarks/results/svd_init.md).
+        dimensions (b = max(⌈r/2⌉, 16)) and costs (2q + 2)·b products of W with a vector
+        ("randomized" costs (2·power_iters + 2)·(r + oversample)). 10 kept the rank-r error
+        within 1.0003x of the exact one on every SmolLM2 matrix at r = 32 and every
+        Mistral-7B-shaped test matrix at r = 64 (benchmarks/results/svd_init.md).
       bases_dtype: dtype of A and B (e.g. "bfloat16"); None keeps the kernel's dtype.
         SVDs always run in float32.
       r_dtype: dtype of R (the trained master copy); float32 by default.
@@ -86,7 +86,7 @@ class LoraXSConfig:
     svd_method: str = "exact"
     oversample: int = 10
     power_iters: int = 10
-    krylov_iters: int = 6
+    krylov_iters: int = 10
     bases_dtype: str | None = None
     r_dtype: str = "float32"
     trainable: tuple[str, ...] = ()

@@ -39,6 +39,7 @@ import numpy as np
 import safetensors.numpy
 from jax.sharding import NamedSharding, PartitionSpec
 
+from loraxs_jax import svd as svd_lib
 from loraxs_jax.apply import adapted_geometries, insert
 from loraxs_jax.bases import (
     Target,
@@ -286,6 +287,7 @@ def save_adapter(path: str | os.PathLike, params: Mapping, cfg: LoraXSConfig, *,
         "config": json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":")),
         "base_fingerprint": base_fingerprint or fingerprint(_plain(base), cfg, targets),
         "adapted": json.dumps(_layout(adapted), separators=(",", ":")),
+        "bases_algorithm": svd_lib.algorithm(cfg.svd_method),
     }
     table = _geometry_table(geometries, cfg)
     if table:
@@ -344,10 +346,10 @@ def _plain(flat: Mapping[tuple, Any]) -> dict:
 
 def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of an adapter file: config (LoraXSConfig), version, fingerprint, adapted
-    kernels, recorded geometries, tensor names, its path and its size in bytes. The whole file
-    is checked first (see :func:`read_tensors`; then the metadata's schema and every tensor
-    against the stored config), so an adapter that passes here loads, or fails only against the
-    base it is given.
+    kernels, the SVD algorithm its bases came from (``svd.algorithm``), recorded geometries,
+    tensor names, its path and its size in bytes. The whole file is checked first (see
+    :func:`read_tensors`; then the metadata's schema and every tensor against the stored
+    config), so an adapter that passes here loads, or fails only against the base it is given.
 
     Raises:
       FileNotFoundError: no file at ``path`` (``.safetensors`` appended if missing).
@@ -413,7 +415,11 @@ def _read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np
             isinstance(k, str) and isinstance(v, str) and v and set(v) <= set("sio")
             for k, v in geometry.items())):
         raise bad("'geometry' metadata is not {kernel path pattern: roles (s, i, o per axis)}")
+    # files from before the tag: block_krylov was then version 1, the others as now
+    algorithm = meta.get("bases_algorithm") or (
+        "block_krylov-1" if cfg.svd_method == "block_krylov" else svd_lib.algorithm(cfg.svd_method))
     info = {"config": cfg, "version": meta.get("loraxs_jax_version"),
+            "bases_algorithm": algorithm,
             "base_fingerprint": meta["base_fingerprint"], "adapted": layout,
             "geometry": geometry, "tensors": list(tensors), "path": p,
             "bytes": p.stat().st_size}
@@ -455,6 +461,14 @@ def read_adapter(path: str | os.PathLike, base_params: Mapping, cfg: LoraXSConfi
             raise ValueError(f"adapter {path} was made with a different config: "
                              + "; ".join(f"{k}: file {v[0]!r} vs given {v[1]!r}"
                                          for k, v in diff.items()))
+    now = svd_lib.algorithm(stored.svd_method)
+    if info["bases_algorithm"] != now and stored.init not in ("random", "svd_bottom", "given") and (
+            stored.svd_method != "exact"):
+        raise ValueError(
+            f"adapter {path} was trained on bases from the {info['bases_algorithm']} SVD "
+            f"(loraxs-jax {info['version']}), and this version computes {now}: its R would meet "
+            "other A and B and the adapted model would be silently wrong. Load it with the "
+            "loraxs-jax that wrote it (and keep its bases: lx.io.store_bases), or train it again")
     key = (json.dumps(stored.to_dict(), sort_keys=True),
            json.dumps(info["geometry"], sort_keys=True))
     if memo is None or key not in memo:
@@ -550,7 +564,7 @@ def _bases_file(cache_dir: str | os.PathLike, cfg: LoraXSConfig, fp: str,
     determines A and B (the config's bases fields and any geometry read from the model)."""
     geometry = sorted((t.name, t.geometry.roles) for t in targets if not t.geometry.standard)
     key = hashlib.sha256((fp + json.dumps(cfg.bases_dict(), sort_keys=True)
-                          + json.dumps(geometry)).encode())
+                          + json.dumps(geometry) + svd_lib.algorithm(cfg.svd_method)).encode())
     return Path(cache_dir) / f"bases-{key.hexdigest()[:24]}.safetensors"
 
 

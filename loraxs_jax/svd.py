@@ -1,12 +1,12 @@
-"""Truncated SVD for LoRA-XS bases: exact, randomized or block Krylov; batched, float32,
-sign-canonical.
+"""Truncated SVD for LoRA-XS bases: exact, randomized or block Krylov (the Gram matrix's
+eigendecomposition where a short side makes that cheaper); batched, float32, sign-canonical.
 
 Every function takes W of shape (..., m, n) (leading axes are a batch of independent matrices)
 and returns U (..., m, r), S (..., r), Vt (..., r, n) with W ≈ U · diag(S) · Vt.
 
 Cost of the rank-r approximations, counted in products of W or Wᵀ with one vector ("matvecs"):
 ``randomized_svd`` (subspace iteration) takes (2·power_iters + 2)·(r + oversample) of them,
-``block_krylov_svd`` (block Lanczos) (2·krylov_iters + 2)·max(r, 16). The Krylov space keeps
+``block_krylov_svd`` (block Lanczos) (2·krylov_iters + 2)·max(⌈r/2⌉, 16). The Krylov space keeps
 every block that subspace iteration throws away, so at equal error it needs far fewer passes
 over W (Musco & Musco 2015: error ε after O(log(n)/√ε) iterations instead of O(log(n)/ε)).
 """
@@ -86,10 +86,10 @@ def randomized_svd(w: jax.Array, rank: int, key: jax.Array, oversample: int = 10
     return u, s, vt
 
 
-# Size of the Gaussian added to each new Krylov block between its two Gram–Schmidt passes,
+# Size of the random block added to each new Krylov block before its Gram–Schmidt passes,
 # relative to σ₁² (the largest column of the first block (WᵀW)P₀). A block the space already
 # holds (W of rank below K) would otherwise leave only rounding noise inside that space, which
-# QR turns into unit vectors that are not orthogonal to it; with the Gaussian they become fresh
+# QR turns into unit vectors that are not orthogonal to it; with the noise they become fresh
 # random directions instead. It sits above the rounding of (WᵀW)P in float32 (~1e-7·σ₁²) and far
 # below the new directions of a block that carries W's energy.
 _DEFLATION = 1e-5
@@ -100,66 +100,146 @@ _DEFLATION = 1e-5
 # 16 columns, for the same small cost, 1.00003x. Wider blocks also use the matrix units better.
 _MIN_BLOCK = 16
 
+# A shorter side below this many times the Krylov space's dimension K gets the Gram matrix's
+# eigendecomposition instead: its (s, s) eigh then costs about what the (K, K) one would, and
+# no pass over W is needed (on SmolLM2's 576×192 k/v matrices at r = 32: 98 ms for 60 against
+# 200 ms for block Krylov and 300 ms for the full SVD).
+_GRAM_BELOW = 1.25
+
+
+def krylov_block(rank: int) -> int:
+    """Columns b of each Krylov block for rank r: max(⌈r/2⌉, 16). Half of r with twice the
+    iterations reaches a higher polynomial degree for the same products with W, and keeps the
+    (K, K) Rayleigh–Ritz eigh small (SmolLM2 at r = 32: b = 16, q = 10 took 1.0 s with a worst
+    error 1.00025x the exact one's; b = 32, q = 5: 1.16 s, 1.00054x)."""
+    return max(-(-rank // 2), _MIN_BLOCK)
+
 
 def _project_out(y: jax.Array, basis: jax.Array) -> jax.Array:
     """y − Q Qᵀ y for an orthonormal basis Q (.., s, K) and a block y (.., s, b)."""
     return y - basis @ (_t(basis) @ y)
 
 
+def _cholesky_qr(y: jax.Array, shift: bool) -> jax.Array:
+    """Q of y = Q R from the Cholesky factor of yᵀy (one (b, b) Gram, a Cholesky and a
+    triangular solve: a fraction of Householder QR's cost on a tall block). ``shift`` adds
+    1e-5·tr(yᵀy)/b to the Gram's diagonal first (Fukaya et al. 2020, shifted CholeskyQR), so a
+    block of condition number up to ~1/ε still factors; its Q is then only nearly orthonormal
+    and another unshifted pass makes it so."""
+    g = _t(y) @ y
+    if shift:
+        b = y.shape[-1]
+        tr = jnp.trace(g, axis1=-2, axis2=-1)[..., None, None]
+        g = g + (1e-5 / b) * tr * jnp.eye(b, dtype=y.dtype)
+    low = jnp.linalg.cholesky(g)
+    # y L⁻ᵀ as a product with the (b, b) inverse: XLA's CPU triangular solve of a tall block
+    # took 3x the time of the product
+    eye = jnp.broadcast_to(jnp.eye(low.shape[-1], dtype=y.dtype), low.shape)
+    inv = jax.lax.linalg.triangular_solve(low, eye, left_side=True, lower=True)
+    return y @ _t(inv)
+
+
+def _orthonormal_block(y: jax.Array) -> jax.Array:
+    """Orthonormal basis of a full-rank block (condition number below ~1e6): shifted
+    CholeskyQR, then a plain pass (CholeskyQR2)."""
+    return _cholesky_qr(_cholesky_qr(y, True), False)
+
+
+def _factor(left: jax.Array, small: jax.Array):
+    """The SVD of left @ small, for ``left`` (.., s, r) with orthonormal columns and any
+    ``small`` (.., r, l): QR of smallᵀ, then the SVD of the (r, r) triangle. Exact when small's
+    rows are already orthogonal (Ritz vectors), and a zero singular value still gets an
+    orthonormal singular vector (W of rank below r), which dividing rows by their norms would
+    not."""
+    q, tri = jnp.linalg.qr(_t(small))                             # smallᵀ = Q T: small = Tᵀ Qᵀ
+    x, s, yt = jnp.linalg.svd(_t(tri))                             # Tᵀ = X S Yᵀ
+    return left @ x, s, _t(q @ _t(yt))
+
+
+@partial(jax.jit, static_argnames=("rank",))
+def gram_svd(w: jax.Array, rank: int):
+    """Top ``rank`` singular triplets from the eigendecomposition of the Gram matrix of W's
+    shorter side (s, s), then ``_factor`` for S and the other side. For short sides of a few
+    hundred it is 3x cheaper than the full SVD; like block Krylov's Rayleigh–Ritz step it squares
+    the condition number, which moves only singular vectors whose σ² lies within float32
+    rounding (~1e-7·σ₁²) of another's."""
+    w = w.astype(jnp.float32)
+    m, n = w.shape[-2:]
+    if m <= n:
+        _, e = jnp.linalg.eigh(w @ _t(w))                           # (.., m, m), ascending
+        top = e[..., :, ::-1][..., :, :rank]
+        u, s, vt = _factor(top, _t(top) @ w)
+    else:
+        _, e = jnp.linalg.eigh(_t(w) @ w)                           # (.., n, n)
+        top = e[..., :, ::-1][..., :, :rank]
+        v, s, ut = _factor(top, _transposed(w @ top))               # Wᵀ ≈ V (W V)ᵀ
+        u, vt = _t(ut), _t(v)
+    u, vt = sign_canonical(u, vt)
+    return u, s, vt
+
+
 @partial(jax.jit, static_argnames=("rank", "krylov_iters"))
-def block_krylov_svd(w: jax.Array, rank: int, key: jax.Array, krylov_iters: int = 6):
+def block_krylov_svd(w: jax.Array, rank: int, key: jax.Array, krylov_iters: int = 10):
     """Musco & Musco (2015), "Randomized Block Krylov Methods for Stronger and Faster
     Approximate Singular Value Decomposition", Alg. 2, in its stable block-Lanczos form.
 
     Let Op be Wᵀ (m ≤ n) or W (m > n), so that the Krylov basis lives on the shorter side s of
-    W. From a Gaussian block Ω of b = max(r, 16) columns, the space
+    W. From a random ±1 block Ω of b = ``krylov_block(r)`` columns, the space
     span[P₀, (OpᵀOp)P₀, …, (OpᵀOp)^q P₀] with P₀ = orth(Opᵀ Ω) (q = ``krylov_iters``,
     dimension K = (q + 1)·b) is built one block at a time, each new block orthogonalised against
-    all earlier ones (classical Gram–Schmidt and QR, twice; a Gaussian of 1e-5·σ₁² between the
-    passes keeps the basis orthonormal when W has rank below K). The products (Op Pᵢ)ᵀ made
+    all earlier ones (classical Gram–Schmidt and QR, twice; a random block of 1e-5·σ₁² between
+    the passes keeps the basis orthonormal when W has rank below K). The products (Op Pᵢ)ᵀ made
     along the way, stacked, are (Op P)ᵀ (K, l) itself, so Rayleigh–Ritz needs no further pass
     over W: the top-r eigenvectors E of the (K, K) matrix (Op P)ᵀ(Op P) pick the best rank-r
-    subspace P E inside the Krylov space, and the SVD of the small (r, l) matrix Eᵀ(Op P)ᵀ
-    gives S and the long side's singular vectors without squaring W's condition number.
-    Cost: (2q + 2)·b matvecs, one (K, K) eigh, one (r, l) SVD.
+    subspace P E inside the Krylov space, and ``_factor`` of Eᵀ(Op P)ᵀ gives S and the long
+    side's singular vectors. Cost: (2q + 2)·b matvecs, one (K, K) eigh, one (l, r) QR.
 
-    When K would reach s the Krylov space is the whole space and ``exact_svd`` is both exact
+    When s < 1.25·K the Gram matrix's eigendecomposition (``gram_svd``) is both as accurate
     and cheaper, so that is what runs (a static choice, made from the shape).
     """
     m, n = w.shape[-2:]
-    short, long, block = min(m, n), max(m, n), max(rank, _MIN_BLOCK)
-    if (krylov_iters + 1) * block >= short:
-        return exact_svd(w, rank)
+    short, long, block = min(m, n), max(m, n), krylov_block(rank)
+    if (krylov_iters + 1) * block * _GRAM_BELOW >= short:
+        return gram_svd(w, rank)
     w = w.astype(jnp.float32)
     if m <= n:                        # Op = Wᵀ; both products in layouts XLA's CPU dot runs fast
         to_long, to_short = (lambda p: _t(p) @ w), (lambda x: w @ _t(x))
     else:                             # Op = W
         to_long, to_short = (lambda p: _transposed(w @ p)), (lambda x: _transposed(x @ w))
-    # one draw (each random-number program costs seconds of compile time): Ω, then the noise
-    gauss = jax.random.normal(key, w.shape[:-2] + (block, long + krylov_iters * short))
-    p = _orthonormal(to_short(gauss[..., :long]))                   # (.., s, b)
+    # one draw of ±1 (threefry's Gaussians cost more than the products on small matrices): Ω,
+    # and, in windows rolled along it, the deflation noise of each iteration
+    omega = jax.random.rademacher(key, w.shape[:-2] + (block, long), jnp.float32)
+
+    def noise(i):
+        return _t(jnp.roll(omega, 7 * i, axis=-1)[..., :short])
+
+    def floor(y, scale):
+        level = jnp.linalg.norm(y, axis=-2, keepdims=True).max(axis=-1, keepdims=True)
+        level = level * (_DEFLATION / math.sqrt(short))
+        return jnp.where(level > 0, level, scale)          # W = 0: the noise is the block
+
+    start = to_short(omega)                                         # (.., s, b)
+    p = _orthonormal_block(start + floor(start, 1.0) * noise(1))
+    level = None
     ps, rows = [p], []
     for i in range(krylov_iters):
         rows.append(to_long(p))                                     # (.., b, l) = (Op p)ᵀ
         y = to_short(rows[-1])                                      # (Opᵀ Op) p
-        if i == 0:                    # ≈ σ₁²: the first block is W's top directions
-            level = jnp.linalg.norm(y, axis=-2, keepdims=True).max(axis=-1, keepdims=True)
-            level = level * (_DEFLATION / math.sqrt(short))
+        if level is None:             # ≈ σ₁²: the first block is W's top directions
+            level = floor(y, 1.0)
         basis = jnp.concatenate(ps, axis=-1)
-        noise = _t(gauss[..., long + i * short:long + (i + 1) * short])
         # Gram–Schmidt twice is enough (Giraud et al. 2005); the second pass runs on the
         # normalised block: where y is almost inside the space (W of low rank), the first
         # pass's rounding (relative to ‖y‖) would otherwise survive QR's rescaling of the small
         # remainder and leave the new block visibly non-orthogonal to the old ones
-        p = _orthonormal(_project_out(y, basis) + level * noise)
-        p = _orthonormal(_project_out(p, basis))
+        p = _cholesky_qr(_project_out(y, basis) + level * noise(i + 2), True)
+        p = _orthonormal_block(_project_out(p, basis))
         ps.append(p)
     rows.append(to_long(p))
     basis, rows = jnp.concatenate(ps, axis=-1), jnp.concatenate(rows, axis=-2)
     _, e = jnp.linalg.eigh(rows @ _t(rows))                         # ascending
     e = e[..., :, ::-1][..., :, :rank]                              # (.., K, r)
-    ub, s, vt = jnp.linalg.svd(_t(e) @ rows, full_matrices=False)   # (.., r, l)
-    u = basis @ (e @ ub)                                            # (.., s, r)
+    u, s, vt = _factor(basis @ e, _t(e) @ rows)                     # (.., s, r), (.., r, l)
     if m > n:
         u, vt = _t(vt), _t(u)
     u, vt = sign_canonical(u, vt)
@@ -168,9 +248,21 @@ def block_krylov_svd(w: jax.Array, rank: int, key: jax.Array, krylov_iters: int 
 
 METHODS = ("exact", "randomized", "block_krylov")
 
+# The version of each method's algorithm: what, besides W and the config, decides its A and B.
+# An adapter file records it, and loading refuses a file whose R was trained against the bases
+# of another version (its R would silently meet other bases). block_krylov 2: ±1 start, blocks
+# of max(⌈r/2⌉, 16) columns, CholeskyQR, the Gram eigh below 1.25·K (1: Gaussian start, blocks of
+# max(r, 16), Householder QR, the full SVD).
+ALGORITHM_VERSIONS = {"exact": 1, "randomized": 1, "block_krylov": 2}
+
+
+def algorithm(method: str) -> str:
+    """``"<method>-<version>"``: the tag adapter files and the bases cache key carry."""
+    return f"{method}-{ALGORITHM_VERSIONS[method]}"
+
 
 def truncated_svd(w: jax.Array, rank: int, *, method: str = "exact", key: jax.Array | None = None,
-                  oversample: int = 10, power_iters: int = 10, krylov_iters: int = 6,
+                  oversample: int = 10, power_iters: int = 10, krylov_iters: int = 10,
                   bottom: bool = False):
     """Dispatch to ``exact_svd``, ``randomized_svd`` or ``block_krylov_svd``; the bottom
     triplets always need the exact SVD (a range finder only sees the top of the spectrum)."""

@@ -359,3 +359,26 @@ def test_a_corrupted_bases_cache_is_refused_naming_it(tmp_path):
     file.write_bytes(bytes(data))
     with pytest.raises(lx.io.AdapterFileError, match=rf"{file}: content does not match its sha256"):
         lx.load_adapter(path, p, bases_cache=cache)
+
+
+def test_an_adapter_trained_on_another_version_of_its_svd_is_refused(tmp_path):
+    """block_krylov's algorithm changed (version 2: other blocks, start and QR): an R trained
+    against version-1 bases would meet other A and B on load, a silently wrong model. The file
+    records the version; a file of another version, or one from before the tag was written
+    (then block_krylov was version 1), is refused, while exact-SVD files of any age load."""
+    rng = np.random.default_rng(13)
+    base = {f"l{i}": {"q": {"kernel": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)}}
+            for i in range(2)}
+    kr = lx.LoraXSConfig(rank=4, targets=("q/kernel$",), svd_method="block_krylov")
+    path = lx.save_adapter(tmp_path / "kr", lx.apply(base, kr, 3), kr)
+    assert lx.io.adapter_info(path)["bases_algorithm"] == "block_krylov-2"
+    lx.load_adapter(path, base)
+    for tag in ("block_krylov-1", None):
+        bad = _resigned(path, tmp_path, bases_algorithm=tag)
+        with pytest.raises(ValueError, match=r"bases from the block_krylov-1 SVD .* computes "
+                                             r"block_krylov-2: its R would meet other A and B"):
+            lx.load_adapter(bad, base)
+    ex = lx.LoraXSConfig(rank=4, targets=("q/kernel$",), svd_method="exact")
+    old = _resigned(lx.save_adapter(tmp_path / "ex", lx.apply(base, ex, 3), ex), tmp_path,
+                    bases_algorithm=None)
+    lx.load_adapter(old, base)

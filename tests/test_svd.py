@@ -174,12 +174,34 @@ def test_block_krylov_on_matrices_of_rank_below_its_space(shape, rank_w):
     assert _error(w, u, s, vt) <= best * (1 + 1e-5) + 1e-4
 
 
-def test_block_krylov_runs_exact_when_its_space_would_fill_the_short_side():
+def test_block_krylov_takes_the_gram_eigh_when_its_space_would_near_the_short_side():
     w = jnp.asarray(np.random.default_rng(10).normal(size=(30, 50)), jnp.float32)
-    got = svd.block_krylov_svd(w, 5, jax.random.key(0), krylov_iters=1)  # 2·16 = 32 ≥ 30
-    want = svd.exact_svd(w, 5)
-    for g, x in zip(got, want):
+    got = svd.block_krylov_svd(w, 5, jax.random.key(0), krylov_iters=1)  # 1.25·2·16 = 40 ≥ 30
+    gram = svd.gram_svd(w, 5)
+    for g, x in zip(got, gram):
         assert np.array_equal(g, x)
+    for g, x in zip(got, svd.exact_svd(w, 5)):
+        np.testing.assert_allclose(g, x, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(60, 140), (140, 60)])
+@pytest.mark.parametrize("rank_w", [40, 3, 0])
+def test_gram_svd_matches_numpy_and_stays_orthonormal_below_rank_r(shape, rank_w):
+    """W of rank 3 (or 0) < r = 6: the singular values beyond its rank are 0 and their vectors
+    must still be orthonormal (B = V_rᵀ carries them into R's columns)."""
+    rng = np.random.default_rng(11)
+    w = rng.normal(size=(shape[0], rank_w)) @ rng.normal(size=(rank_w, shape[1]))
+    w = jnp.asarray(w, jnp.float32)
+    r = 6
+    u, s, vt = jax.device_get(svd.gram_svd(w, r))
+    un, sn, vtn, best = _numpy_truncation(w, r)
+    assert u.shape == (shape[0], r) and vt.shape == (r, shape[1])
+    np.testing.assert_allclose(u.T @ u, np.eye(r), atol=1e-5)
+    np.testing.assert_allclose(vt @ vt.T, np.eye(r), atol=1e-5)
+    np.testing.assert_allclose(s, sn, rtol=1e-5, atol=1e-4)
+    assert _error(w, u, s, vt) <= best * (1 + 1e-5) + 1e-4
+    if rank_w > r:   # a spectral gap: the same subspaces as numpy's
+        assert _max_angle_deg(un, u) < 0.2 and _max_angle_deg(vtn.T, vt.T) < 0.2
 
 
 def test_bottom_and_batched():

@@ -94,7 +94,7 @@ def base() -> ml_collections.ConfigDict:
     c.loraxs.svd_method = _LX["svd_method"]  # exact | randomized (Halko et al., as the paper) | block_krylov
     c.loraxs.power_iters = _LX["power_iters"]  # randomized SVD power iterations
     c.loraxs.oversample = _LX["oversample"]  # randomized SVD extra columns
-    c.loraxs.krylov_iters = _LX["krylov_iters"]  # block_krylov: products with WᵀW (space (q+1)·r)
+    c.loraxs.krylov_iters = _LX["krylov_iters"]  # block_krylov: products with WᵀW (space (q+1)·b)
     c.loraxs.bases_dtype = ""    # dtype of A, B; "" = the kernel's
     c.loraxs.r_dtype = _LX["r_dtype"]  # dtype of R (the trained master copy)
     c.loraxs.bases_seed = _LX["bases_seed"]  # seed of the bases' randomness (not R's)
@@ -162,6 +162,6 @@ def decoder_base(path: str, rank: int, alpha: float) -> ml_collections.ConfigDic
     c.loraxs.targets = DECODER_TARGETS
     c.loraxs.bases_dtype = "bfloat16"
     c.loraxs.svd_method = "block_krylov"  # 4096-wide matrices: randomized SVD's accuracy (better)
-    # with 14 passes over W instead of 22 (benchmarks/results/svd_init.md)
+    # with under half its products with W (benchmarks/results/svd_init.md)
     c.eval_every_steps = 0
     return c
