@@ -148,7 +148,9 @@ class Geometry:
     def matrices(self, w: jax.Array) -> jax.Array:
         """W as its (count, m, n) matrices."""
         order = self.stack + self.inputs + self.outputs
-        return jnp.transpose(w, order).reshape(self.count, self.m, self.n)
+        if list(order) != sorted(order):      # a transpose copies even when it has no work
+            w = jnp.transpose(w, order)
+        return w.reshape(self.count, self.m, self.n)
 
     def store(self, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Canonical A (*stack, *inputs, r), B (*stack, r, *outputs) → the stored leaves."""
