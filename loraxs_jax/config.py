@@ -50,7 +50,8 @@ class LoraXSConfig:
         truncation's, where "randomized" with the official n_iter=10 reaches 1.0011x, with
         under half its products with W; see benchmarks/results/svd_init.md). Matrices whose
         shorter side is below 1.25x the Krylov space get the eigendecomposition of their
-        Gram matrix instead.
+        Gram matrix instead, and matrices with σ_r/σ_1 < 0.03 (a spectrum too steep for
+        float32 products with WᵀW; real weights sit at 0.1-0.5) the full SVD.
       oversample: extra columns of the randomized range finder.
       power_iters: power iterations of the randomized range finder. 10 and 10 match the official
         code's scikit-learn TruncatedSVD(n_iter=10): real weights have nearly equal singular

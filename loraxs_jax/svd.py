@@ -107,6 +107,15 @@ _MIN_BLOCK = 16
 _GRAM_BELOW = 1.25
 
 
+# Smallest λ_r/λ_1 (= (σ_r/σ_1)²) for which the eigendecomposition of a squared matrix (the Gram
+# matrix; the Rayleigh–Ritz matrix (Op P)ᵀ(Op P)) and a Krylov space built from products with
+# WᵀW are trusted in float32. Their rounding is ~1e-7·λ_1 (block Krylov's deflation noise
+# 1e-5·λ_1), so directions with λ_r near that are lost: at σ_r/σ_1 = 1.3e-2 block Krylov's rank-r
+# error came out 1.0008x the exact one's, at 1e-3 1.5x, at 1.6e-5 34x. Below it (σ_r/σ_1 < 0.032;
+# real weights sit at 0.1-0.5) the full SVD runs instead.
+_SQUARED_FLOOR = 1e-3
+
+
 def krylov_block(rank: int) -> int:
     """Columns b of each Krylov block for rank r: max(⌈r/2⌉, 16). Half of r with twice the
     iterations reaches a higher polynomial degree for the same products with W, and keeps the
@@ -165,17 +174,51 @@ def gram_svd(w: jax.Array, rank: int):
     rounding (~1e-7·σ₁²) of another's."""
     w = w.astype(jnp.float32)
     m, n = w.shape[-2:]
-    if m <= n:
-        _, e = jnp.linalg.eigh(w @ _t(w))                           # (.., m, m), ascending
-        top = e[..., :, ::-1][..., :, :rank]
-        u, s, vt = _factor(top, _t(top) @ w)
-    else:
-        _, e = jnp.linalg.eigh(_t(w) @ w)                           # (.., n, n)
-        top = e[..., :, ::-1][..., :, :rank]
+    lam, e = jnp.linalg.eigh(w @ _t(w) if m <= n else _t(w) @ w)     # ascending
+    top = e[..., :, ::-1][..., :, :rank]
+
+    def from_gram(w, top):
+        if m <= n:
+            return _factor(top, _t(top) @ w)
         v, s, ut = _factor(top, _transposed(w @ top))               # Wᵀ ≈ V (W V)ᵀ
-        u, vt = _t(ut), _t(v)
+        return _t(ut), s, _t(v)
+
+    # a steep spectrum (σ_r/σ_1 < 0.032): the squared matrix cannot resolve it, the SVD can
+    steep = lam[..., -rank] < _SQUARED_FLOOR * lam[..., -1]
+    u, s, vt = _branch(steep, lambda w, top: _top_svd(w, rank), from_gram, w, top)
     u, vt = sign_canonical(u, vt)
     return u, s, vt
+
+
+def _top_svd(w: jax.Array, rank: int):
+    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+    return u[..., :, :rank], s[..., :rank], vt[..., :rank, :]
+
+
+def _branch(pred: jax.Array, if_true, if_false, *args):
+    """``if_true`` for the matrices where ``pred`` holds, else ``if_false``, computing
+    ``if_true`` only if some matrix needs it: ``lax.cond`` for one matrix, and for a batch
+    (leading axes) a cond on any of them around a per-matrix ``jnp.where``. Under ``vmap`` a
+    cond computes both branches, so batches are best passed with their leading axes."""
+    if pred.ndim == 0:
+        return jax.lax.cond(pred, if_true, if_false, *args)
+
+    def both(*args):
+        yes, no = if_true(*args), if_false(*args)
+        return jax.tree.map(lambda a, b: jnp.where(
+            pred.reshape(pred.shape + (1,) * (a.ndim - pred.ndim)), a, b), yes, no)
+
+    return jax.lax.cond(jnp.any(pred), both, if_false, *args)
+
+
+def _draw(sampler, key: jax.Array, batch: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+    """(*batch, *shape) float32 draws: from one key, or one key per matrix (keys of shape
+    ``batch``: the same draws as each matrix alone with its key)."""
+    if key.shape == batch and batch:
+        flat = key.reshape(-1)
+        out = jax.vmap(lambda k: sampler(k, shape, jnp.float32))(flat)
+        return out.reshape(batch + shape)
+    return sampler(key, batch + shape, jnp.float32)
 
 
 @partial(jax.jit, static_argnames=("rank", "krylov_iters"))
@@ -184,7 +227,8 @@ def block_krylov_svd(w: jax.Array, rank: int, key: jax.Array, krylov_iters: int 
     Approximate Singular Value Decomposition", Alg. 2, in its stable block-Lanczos form.
 
     Let Op be Wᵀ (m ≤ n) or W (m > n), so that the Krylov basis lives on the shorter side s of
-    W. From a random ±1 block Ω of b = ``krylov_block(r)`` columns, the space
+    W. From a random ±1 block Ω of b = ``krylov_block(r)`` columns (``key``: one key, or one
+    per matrix of a batch), the space
     span[P₀, (OpᵀOp)P₀, …, (OpᵀOp)^q P₀] with P₀ = orth(Opᵀ Ω) (q = ``krylov_iters``,
     dimension K = (q + 1)·b) is built one block at a time, each new block orthogonalised against
     all earlier ones (classical Gram–Schmidt and QR, twice; a random block of 1e-5·σ₁² between
@@ -208,7 +252,7 @@ def block_krylov_svd(w: jax.Array, rank: int, key: jax.Array, krylov_iters: int 
         to_long, to_short = (lambda p: _transposed(w @ p)), (lambda x: _transposed(x @ w))
     # one draw of ±1 (threefry's Gaussians cost more than the products on small matrices): Ω,
     # and, in windows rolled along it, the deflation noise of each iteration
-    omega = jax.random.rademacher(key, w.shape[:-2] + (block, long), jnp.float32)
+    omega = _draw(jax.random.rademacher, key, w.shape[:-2], (block, long))
 
     def noise(i):
         return _t(jnp.roll(omega, 7 * i, axis=-1)[..., :short])
@@ -237,11 +281,19 @@ def block_krylov_svd(w: jax.Array, rank: int, key: jax.Array, krylov_iters: int 
         ps.append(p)
     rows.append(to_long(p))
     basis, rows = jnp.concatenate(ps, axis=-1), jnp.concatenate(rows, axis=-2)
-    _, e = jnp.linalg.eigh(rows @ _t(rows))                         # ascending
+    lam, e = jnp.linalg.eigh(rows @ _t(rows))                       # ascending
     e = e[..., :, ::-1][..., :, :rank]                              # (.., K, r)
-    u, s, vt = _factor(basis @ e, _t(e) @ rows)                     # (.., s, r), (.., r, l)
-    if m > n:
-        u, vt = _t(vt), _t(u)
+
+    def ritz(w, basis, rows, e):
+        u, s, vt = _factor(basis @ e, _t(e) @ rows)                 # (.., s, r), (.., r, l)
+        return (_t(vt), s, _t(u)) if m > n else (u, s, vt)
+
+    # A steep spectrum (σ_r/σ_1 < 0.032): the Krylov space itself, built from products with WᵀW
+    # (and its deflation noise at 1e-5·σ₁²), cannot hold directions with σ² that small; the
+    # full SVD of such (rare) matrices does, whatever it costs (W's weights are ill-conditioned
+    # at r, their rank-r error was up to 34x the exact one's otherwise)
+    steep = lam[..., -rank] < _SQUARED_FLOOR * lam[..., -1]
+    u, s, vt = _branch(steep, lambda w, *_: _top_svd(w, rank), ritz, w, basis, rows, e)
     u, vt = sign_canonical(u, vt)
     return u, s, vt
 
@@ -251,8 +303,8 @@ METHODS = ("exact", "randomized", "block_krylov")
 # The version of each method's algorithm: what, besides W and the config, decides its A and B.
 # An adapter file records it, and loading refuses a file whose R was trained against the bases
 # of another version (its R would silently meet other bases). block_krylov 2: ±1 start, blocks
-# of max(⌈r/2⌉, 16) columns, CholeskyQR, the Gram eigh below 1.25·K (1: Gaussian start, blocks of
-# max(r, 16), Householder QR, the full SVD).
+# of max(⌈r/2⌉, 16) columns, CholeskyQR, the Gram eigh below 1.25·K, the full SVD for steep
+# spectra (1: Gaussian start, blocks of max(r, 16), Householder QR, the full SVD below K).
 ALGORITHM_VERSIONS = {"exact": 1, "randomized": 1, "block_krylov": 2}
 
 
