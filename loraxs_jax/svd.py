@@ -169,9 +169,9 @@ def _factor(left: jax.Array, small: jax.Array):
 def gram_svd(w: jax.Array, rank: int):
     """Top ``rank`` singular triplets from the eigendecomposition of the Gram matrix of W's
     shorter side (s, s), then ``_factor`` for S and the other side. For short sides of a few
-    hundred it is 3x cheaper than the full SVD; like block Krylov's Rayleigh–Ritz step it squares
-    the condition number, which moves only singular vectors whose σ² lies within float32
-    rounding (~1e-7·σ₁²) of another's."""
+    hundred it is 3x cheaper than the full SVD. Like block Krylov's Rayleigh–Ritz step it squares
+    the condition number, so a spectrum steeper than σ_r/σ_1 = 0.032 (``_SQUARED_FLOOR``) takes
+    the full SVD instead."""
     w = w.astype(jnp.float32)
     m, n = w.shape[-2:]
     lam, e = jnp.linalg.eigh(w @ _t(w) if m <= n else _t(w) @ w)     # ascending
