@@ -197,7 +197,7 @@ def _bases_for_matrices(w: jax.Array, keys: jax.Array, rank: int, cfg: LoraXSCon
 
     if one_at_a_time:
         u, s, vt = jax.lax.map(lambda xk: one(*xk), (w, keys))
-    elif cfg.svd_method == "block_krylov" and cfg.init != "svd_bottom":
+    elif cfg.svd_method == "block_krylov":
         # the batch as it is (a key per matrix): its fallback for steep spectra, a full SVD,
         # then runs only if some matrix needs it, where vmap would run it for every matrix
         u, s, vt = one(w, keys)

@@ -185,14 +185,9 @@ def gram_svd(w: jax.Array, rank: int):
 
     # a steep spectrum (σ_r/σ_1 < 0.032): the squared matrix cannot resolve it, the SVD can
     steep = lam[..., -rank] < _SQUARED_FLOOR * lam[..., -1]
-    u, s, vt = _branch(steep, lambda w, top: _top_svd(w, rank), from_gram, w, top)
+    u, s, vt = _branch(steep, lambda w, top: exact_svd(w, rank), from_gram, w, top)
     u, vt = sign_canonical(u, vt)
     return u, s, vt
-
-
-def _top_svd(w: jax.Array, rank: int):
-    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
-    return u[..., :, :rank], s[..., :rank], vt[..., :rank, :]
 
 
 def _branch(pred: jax.Array, if_true, if_false, *args):
@@ -257,20 +252,19 @@ def block_krylov_svd(w: jax.Array, rank: int, key: jax.Array, krylov_iters: int 
     def noise(i):
         return _t(jnp.roll(omega, 7 * i, axis=-1)[..., :short])
 
-    def floor(y, scale):
+    def deflation(y):                 # 1e-5 of y's largest column, relative to ‖noise column‖
         level = jnp.linalg.norm(y, axis=-2, keepdims=True).max(axis=-1, keepdims=True)
         level = level * (_DEFLATION / math.sqrt(short))
-        return jnp.where(level > 0, level, scale)          # W = 0: the noise is the block
+        return jnp.where(level > 0, level, 1.0)            # W = 0: the noise is the block
 
     start = to_short(omega)                                         # (.., s, b)
-    p = _orthonormal_block(start + floor(start, 1.0) * noise(1))
-    level = None
+    p = _orthonormal_block(start + deflation(start) * noise(1))
     ps, rows = [p], []
     for i in range(krylov_iters):
         rows.append(to_long(p))                                     # (.., b, l) = (Op p)ᵀ
         y = to_short(rows[-1])                                      # (Opᵀ Op) p
-        if level is None:             # ≈ σ₁²: the first block is W's top directions
-            level = floor(y, 1.0)
+        if i == 0:                    # ≈ σ₁²: the first block is W's top directions
+            level = deflation(y)
         basis = jnp.concatenate(ps, axis=-1)
         # Gram–Schmidt twice is enough (Giraud et al. 2005); the second pass runs on the
         # normalised block: where y is almost inside the space (W of low rank), the first
@@ -293,7 +287,7 @@ def block_krylov_svd(w: jax.Array, rank: int, key: jax.Array, krylov_iters: int 
     # full SVD of such (rare) matrices does, whatever it costs (W's weights are ill-conditioned
     # at r, their rank-r error was up to 34x the exact one's otherwise)
     steep = lam[..., -rank] < _SQUARED_FLOOR * lam[..., -1]
-    u, s, vt = _branch(steep, lambda w, *_: _top_svd(w, rank), ritz, w, basis, rows, e)
+    u, s, vt = _branch(steep, lambda w, *_: exact_svd(w, rank), ritz, w, basis, rows, e)
     u, vt = sign_canonical(u, vt)
     return u, s, vt
 
