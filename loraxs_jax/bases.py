@@ -14,6 +14,7 @@ input axes ``in_dims`` and output axes ``out_dims``::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
@@ -227,6 +228,45 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
                          "importer wrote>)")
     targets = find_targets(params, cfg) if targets is None else targets
     flat = flatten(params)
+    on_cpu = bool(targets) and _runs_on_cpu(unbox(flat[targets[0].path]))
+    with lapack_one_thread(on_cpu):
+        out = _compute_bases(flat, cfg, targets)
+        if on_cpu:            # the calls must run while the limit holds (dispatch is async)
+            jax.block_until_ready(out)
+    return out
+
+
+def _runs_on_cpu(w) -> bool:
+    """A concrete kernel whose SVD programs run on CPU devices (a numpy array: on the default
+    backend's)."""
+    if isinstance(w, jax.core.Tracer):
+        return False
+    devices = w.sharding.device_set if isinstance(w, jax.Array) else jax.devices()[:1]
+    return all(d.platform == "cpu" for d in devices)
+
+
+@contextlib.contextmanager
+def lapack_one_thread(active: bool = True):
+    """While active, the BLAS/LAPACK library that jaxlib's CPU linear algebra calls into
+    (scipy's OpenBLAS) runs each call on one thread. Its default, one thread per core, makes
+    every small call (the (K, K) eigh, Cholesky and QR of each block-Krylov matrix) wake and
+    synchronise threads that compete with XLA's own pool: on 2 cores SmolLM2's block-Krylov
+    bases took 1.1 s with it and 0.79 s without; a batch of 8 exact 576×576 SVDs 0.26 s against
+    0.14 s. (One lone large SVD loses ~20% of its time; ``compute_bases`` runs batches.)
+    threadpoolctl only reaches libraries already loaded, so scipy's LAPACK, which jaxlib loads
+    at its first call, is loaded first."""
+    if not active:
+        yield
+        return
+    import scipy.linalg.cython_lapack  # noqa: F401  (loads the library jaxlib's kernels call)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _compute_bases(flat: Mapping, cfg: LoraXSConfig, targets: list[Target]
+                   ) -> dict[str, tuple[jax.Array, jax.Array]]:
     base_key = jax.random.key(cfg.bases_seed)
     groups: dict[tuple, list[Target]] = {}
     for t in targets:
@@ -280,13 +320,23 @@ def compute_bases(params: Mapping, cfg: LoraXSConfig, targets: list[Target] | No
 
 def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array, rank: int,
                     cfg: LoraXSConfig) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """The one-CPU-device path of the SVDs that pass over W many times (randomized, block
+    """The path of kernels on one CPU device for the SVDs that pass over W many times (randomized, block
     Krylov): ``CPU_STEP`` matrices per call of one compiled program (``_step_jit``), dispatched
     from a Python loop. Each step's matrices stay in the CPU's cache across all their passes,
     where one batch of the whole group streams from memory on every pass, and no batch of the
     group is ever copied together. On SmolLM2 (210 matrices, r = 32) block Krylov took 1.3 s
-    so against 2.0 s as batches. A kernel that is one plain matrix goes in as it is."""
-    per = CPU_STEP
+    so against 2.0 s as batches. A kernel that is one plain matrix goes in as it is.
+
+    Where the process has several CPU devices (``runtime.host_devices``, or XLA's
+    ``--xla_force_host_platform_device_count``), the steps go round-robin over all of them, one
+    matrix each: one device runs one program at a time, several run theirs side by side (on 2
+    cores SmolLM2's block-Krylov bases took 0.61 s over 2 devices and 0.78 s on one; over 8
+    virtual devices 0.69 s, and 0.80 s over only 2 of those 8). The matrices are copied there
+    and A, B back; every device runs the same program, so the bits are those of the kernel's own
+    device."""
+    home = next(iter(kernels[0].sharding.device_set))
+    devices = _step_devices(home)
+    per = CPU_STEP if len(devices) == 1 else 1
     mats, plain = [], []
     for t, w in zip(ts, kernels):
         g = t.geometry
@@ -300,11 +350,18 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
     pad = -got % per
     mats += [mats[-1]] * pad
     keys = jnp.concatenate([keys] + [keys[-1:]] * pad) if pad else keys
-    a_list, b_list = [], []
-    for lo in range(0, len(mats), per):
-        a, b = _step_jit(tuple(mats[lo:lo + per]), keys, np.int32(lo), rank, cfg)
+    a_list, b_list, keys_on = [], [], {home: keys}
+    for step, lo in enumerate(range(0, len(mats), per)):
+        device, chunk = devices[step % len(devices)], tuple(mats[lo:lo + per])
+        if device != home:
+            chunk = jax.device_put(chunk, device)
+            if device not in keys_on:
+                keys_on[device] = jax.device_put(keys, device)
+        a, b = _step_jit(chunk, keys_on[device], np.int32(lo), rank, cfg)
         a_list.extend(a)
         b_list.extend(b)
+    if len(devices) > 1:      # only once every step is dispatched: a copy waits for its value
+        a_list, b_list = jax.device_put((a_list, b_list), home)
     out, i = {}, 0
     for t, is_plain in zip(ts, plain):
         if is_plain:
@@ -315,6 +372,12 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
             out[t.name] = (a, b)
         i += t.count
     return out
+
+
+def _step_devices(home: jax.Device) -> list[jax.Device]:
+    """The CPU devices ``_bases_in_steps`` spreads its steps over: the kernels' own first, then
+    every other CPU device of this process."""
+    return [home] + [d for d in jax.local_devices(backend="cpu") if d != home]
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))

@@ -115,15 +115,25 @@ def test_same_shaped_matrices_run_in_equal_chunks_of_one_program():
         np.testing.assert_allclose(a[i] @ b[i], (u[:, :3] * s[:3]) @ vt[:3], atol=1e-5)
 
 
+@pytest.mark.parametrize("spread", [False, True])
 @pytest.mark.parametrize("method", ["block_krylov", "randomized"])
 @pytest.mark.parametrize("stacked", [0, 1])
-def test_one_cpu_device_steps_give_the_bits_of_one_matrix_at_a_time(method, stacked):
-    """On one CPU device the multi-pass SVDs run two matrices per call straight from the
-    kernels (cache-sized steps, no group-wide copy); an odd count pads the last step. Every
-    matrix must get exactly the bases it gets alone (as in the per-matrix loop of CPU meshes),
-    in its kernel's own shape."""
+def test_one_cpu_device_steps_give_the_bits_of_one_matrix_at_a_time(method, stacked, spread,
+                                                                    monkeypatch):
+    """Kernels on one CPU device: the multi-pass SVDs run straight from the kernels in
+    cache-sized steps (no group-wide copy): two matrices per call where the process has one CPU
+    device (an odd count pads the last step), or one per call round-robin over all of them
+    (``spread``; these tests run with 8). Every matrix must get exactly the bases it gets alone
+    (as in the per-matrix loop of CPU meshes), in its kernel's own shape, on its own device."""
     from loraxs_jax import bases, svd
 
+    home = jax.devices()[0]
+    if not spread:
+        monkeypatch.setattr(bases, "_step_devices", lambda home: [home])
+    ran_on = []
+    step = bases._step_jit
+    monkeypatch.setattr(bases, "_step_jit", lambda mats, *a: ran_on.append(
+        next(iter(mats[0].devices()))) or step(mats, *a))
     rng = np.random.default_rng(12)
     shape = (5, 40, 30) if stacked else (40, 30)
     p = {k: {"kernel": jnp.asarray(rng.normal(size=shape), jnp.float32)} for k in "abc"}
@@ -131,10 +141,17 @@ def test_one_cpu_device_steps_give_the_bits_of_one_matrix_at_a_time(method, stac
                           krylov_iters=2, power_iters=3)
     targets = bases.find_targets(p, cfg)
     got = bases.compute_bases(p, cfg)
+    count = 3 * (5 if stacked else 1)
+    cpus = jax.local_devices(backend="cpu")
+    if spread:
+        assert len(ran_on) == count and set(ran_on) == set(cpus[:count])
+    else:
+        assert len(ran_on) == -(-count // bases.CPU_STEP) and set(ran_on) == {home}
     base_key = jax.random.key(cfg.bases_seed)
     for t in targets:
         mats = t.geometry.matrices(p[t.name[0]]["kernel"])
         ga, gb = got[t.name]
+        assert ga.devices() == gb.devices() == {home}
         assert ga.shape == shape[:-1] + (4,) and gb.shape == shape[:-2] + (4, 30)
         ga, gb = np.asarray(ga).reshape(-1, 40, 4), np.asarray(gb).reshape(-1, 4, 30)
         for i in range(t.count):          # each matrix alone, with its own key
@@ -239,3 +256,41 @@ def test_bases_on_two_cpu_devices_finish_and_match_one_device():
     except subprocess.TimeoutExpired:
         pytest.fail("compute_bases on 2 CPU devices hung (LAPACK thread-pool deadlock)")
     assert out.returncode == 0 and out.stdout.strip().endswith("done"), out.stderr[-3000:]
+
+
+def test_lapack_runs_on_one_thread_while_cpu_bases_are_computed(monkeypatch):
+    """jaxlib's CPU LAPACK (scipy's OpenBLAS) defaults to a thread per core, whose small calls
+    then fight XLA's own threads (SmolLM2's block-Krylov bases: 1.1 s against 0.79 s). The limit
+    must reach that library even in a fresh process, where jaxlib only loads it at its first
+    call (threadpoolctl limits only what is loaded), be lifted afterwards, and hold while
+    ``compute_bases`` runs its CPU programs."""
+    import json
+    import subprocess
+    import sys
+
+    code = """if True:
+        import json, jax.numpy as jnp
+        from threadpoolctl import threadpool_info
+        from loraxs_jax.bases import lapack_one_thread
+        blas = lambda: {i["filepath"]: i["num_threads"] for i in threadpool_info()
+                        if i["user_api"] == "blas"}
+        before = blas()
+        with lapack_one_thread():
+            jnp.linalg.eigh(jnp.eye(3))[0].block_until_ready()     # jaxlib's first LAPACK call
+            inside = blas()
+        print(json.dumps([before, inside, blas()]))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, inside, after = json.loads(out.stdout.strip().splitlines()[-1])
+    loaded = set(inside) - set(before)
+    assert loaded and all(n == 1 for n in inside.values())          # jaxlib's library included
+    assert {k: after[k] for k in before} == before                   # lifted afterwards
+    from loraxs_jax import bases
+
+    entered = []
+    real = bases.lapack_one_thread
+    monkeypatch.setattr(bases, "lapack_one_thread", lambda active=True: entered.append(active)
+                        or real(active))
+    p = {"q": {"kernel": jnp.asarray(np.random.default_rng(3).normal(size=(12, 10)), jnp.float32)}}
+    bases.compute_bases(p, lx.LoraXSConfig(rank=2, targets=("kernel$",)))
+    assert entered == [True]
