@@ -45,7 +45,7 @@ from threadpoolctl import threadpool_limits
 import loraxs_jax
 from benchmarks import common
 from loraxs_jax import svd as svd_lib
-from loraxs_jax.bases import compute_bases, find_targets
+from loraxs_jax.bases import compute_bases, find_targets, lapack_one_thread
 from loraxs_jax.tree import flatten
 
 MISTRAL_LAYER = {  # (in, out) in Flax layout: how many of each shape one layer has
@@ -249,7 +249,10 @@ def epoch_estimate(setup: common.Setup, reps: int) -> dict:
 
 # ----------------------------------------------------------------------------- run
 def run(smoke: bool = False, exact_7b: bool = False) -> dict:
-    with threadpool_limits(limits=1, user_api="blas"):
+    # lapack_one_thread loads scipy's LAPACK first (XLA's CPU calls it, and it loads only at its
+    # first call): a limit set before that never reached it, and the figures before 2dff4f5 had
+    # XLA's QR/eigh/SVD on OpenBLAS's default threads
+    with threadpool_limits(limits=1, user_api="blas"), lapack_one_thread():
         results = measure(smoke, exact_7b)
     path = common.write_result("svd_init", results, tables, smoke)
     return {"path": str(path), **results}

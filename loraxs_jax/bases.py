@@ -283,7 +283,7 @@ def _compute_bases(flat: Mapping, cfg: LoraXSConfig, targets: list[Target]
         keys = _matrix_keys(base_key, np.asarray([_crc(t.name) for t in ts for _ in range(t.count)],
                                                  np.uint32),
                             np.asarray([i for t in ts for i in range(t.count)], np.uint32))
-        if not split and _in_cpu_steps(kernels[0], cfg):
+        if _in_cpu_steps(kernels, cfg):
             out.update(_bases_in_steps(ts, kernels, keys, r, cfg))
             continue
         pieces = [t.geometry.matrices(w) for t, w in zip(ts, kernels)]   # (count, m, n) each
@@ -320,43 +320,58 @@ def _compute_bases(flat: Mapping, cfg: LoraXSConfig, targets: list[Target]
 
 def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array, rank: int,
                     cfg: LoraXSConfig) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """The path of kernels on one CPU device for the SVDs that pass over W many times (randomized, block
-    Krylov): ``CPU_STEP`` matrices per call of one compiled program (``_step_jit``), dispatched
-    from a Python loop. Each step's matrices stay in the CPU's cache across all their passes,
-    where one batch of the whole group streams from memory on every pass, and no batch of the
-    group is ever copied together. On SmolLM2 (210 matrices, r = 32) block Krylov took 1.3 s
-    so against 2.0 s as batches. A kernel that is one plain matrix goes in as it is.
+    """The CPU path of the SVDs that pass over W many times (randomized, block Krylov), for
+    kernels on one CPU device or whole on every device of a CPU mesh (replicated): one compiled
+    program (``_step_jit``) per call, dispatched from a Python loop straight from the kernels.
+    Each step's matrices stay in the CPU's cache across all their passes, where one batch of the
+    whole group streams from memory on every pass, and no batch of the group is ever copied
+    together. On SmolLM2 (210 matrices, r = 32) block Krylov took 1.3 s so against 2.0 s as
+    batches. A kernel that is one plain matrix goes in as it is.
 
-    Where the process has several CPU devices (``runtime.host_devices``, or XLA's
-    ``--xla_force_host_platform_device_count``), the steps go round-robin over all of them, one
-    matrix each: one device runs one program at a time, several run theirs side by side (on 2
-    cores SmolLM2's block-Krylov bases took 0.61 s over 2 devices and 0.78 s on one; over 8
-    virtual devices 0.69 s, and 0.80 s over only 2 of those 8). The matrices are copied there
-    and A, B back; every device runs the same program, so the bits are those of the kernel's own
-    device."""
-    home = next(iter(kernels[0].sharding.device_set))
-    devices = _step_devices(home)
+    With one CPU device in the process, each call takes ``CPU_STEP`` matrices. With several
+    (``runtime.host_devices``, or XLA's ``--xla_force_host_platform_device_count``) the steps go
+    round-robin over all of them, one matrix each: one device runs one program at a time, several
+    run theirs side by side (on 2 cores SmolLM2's block-Krylov bases took 0.61 s over 2 devices
+    and 0.78 s on one; over 8 virtual devices 0.69 s, and 0.80 s over only 2 of those 8). A
+    device without its own copy of the kernel gets the matrix copied, and A, B come back to the
+    first device; every device runs the same program, so the bits are the same wherever a
+    matrix runs. On a replicated CPU mesh this took 0.6 s where the mesh path (a per-device loop
+    in one program) took 1.4 s."""
+    own = kernels[0].sharding.device_set
+    if len(own) == 1:
+        home = next(iter(own))
+        devices = _step_devices(home)
+    else:
+        devices = sorted(own, key=lambda d: d.id)
+        home = devices[0]
     per = CPU_STEP if len(devices) == 1 else 1
-    mats, plain = [], []
-    for t, w in zip(ts, kernels):
+    copies = [{s.device: s.data for s in w.addressable_shards} for w in kernels]
+    plain, index = [], []                 # each matrix: (kernel, index in its stack)
+    for k, (t, w) in enumerate(zip(ts, kernels)):
         g = t.geometry
         plain.append(w.ndim == 2 and tuple(g.stack + g.inputs + g.outputs) == (0, 1))
-        if plain[-1]:
-            mats.append(w)
+        index.extend((k, i) for i in range(t.count))
+    stacks: dict[tuple, jax.Array] = {}
+
+    def matrix(k: int, i: int, device: jax.Device) -> jax.Array:
+        where = device if device in copies[k] else home
+        if plain[k]:
+            m = copies[k][where]
         else:
-            m3 = t.geometry.matrices(w)
-            mats.extend(m3[i] for i in range(t.count))
-    got = len(mats)
-    pad = -got % per
-    mats += [mats[-1]] * pad
-    keys = jnp.concatenate([keys] + [keys[-1:]] * pad) if pad else keys
+            if (k, where) not in stacks:
+                stacks[(k, where)] = ts[k].geometry.matrices(copies[k][where])
+            m = stacks[(k, where)][i]
+        return m if where == device else jax.device_put(m, device)
+
+    got = len(index)
+    index += [index[-1]] * (-got % per)
+    keys = jnp.concatenate([keys] + [keys[-1:]] * (len(index) - got)) if len(index) > got else keys
     a_list, b_list, keys_on = [], [], {home: keys}
-    for step, lo in enumerate(range(0, len(mats), per)):
-        device, chunk = devices[step % len(devices)], tuple(mats[lo:lo + per])
-        if device != home:
-            chunk = jax.device_put(chunk, device)
-            if device not in keys_on:
-                keys_on[device] = jax.device_put(keys, device)
+    for step, lo in enumerate(range(0, len(index), per)):
+        device = devices[step % len(devices)]
+        chunk = tuple(matrix(k, i, device) for k, i in index[lo:lo + per])
+        if device not in keys_on:
+            keys_on[device] = jax.device_put(keys, device)
         a, b = _step_jit(chunk, keys_on[device], np.int32(lo), rank, cfg)
         a_list.extend(a)
         b_list.extend(b)
@@ -503,15 +518,21 @@ _bases_jit = jax.jit(_bases_for_matrices, static_argnums=(2, 3, 4))
 CPU_STEP = 2
 
 
-def _in_cpu_steps(w: jax.Array, cfg: LoraXSConfig) -> bool:
-    """Whether ``compute_bases`` takes ``_bases_in_steps`` for a group: one CPU device (no
-    mesh) and an SVD that passes over W many times."""
-    sharding = getattr(w, "sharding", None)
-    if isinstance(w, jax.core.Tracer) or sharding is None or len(sharding.device_set) != 1:
-        return False
+def _in_cpu_steps(kernels: list[jax.Array], cfg: LoraXSConfig) -> bool:
+    """Whether ``compute_bases`` takes ``_bases_in_steps`` for a group: an SVD that passes over
+    W many times, and kernels all on the same one CPU device, or all whole on every device of
+    the same CPU mesh of this process (replicated)."""
     multi_pass = (cfg.svd_method in ("randomized", "block_krylov")
                   and cfg.init in ("svd", "svd_no_sigma", "svd_random"))
-    return multi_pass and next(iter(sharding.device_set)).platform == "cpu"
+    shardings = [getattr(w, "sharding", None) for w in kernels]
+    if not multi_pass or any(isinstance(w, jax.core.Tracer) or s is None
+                             for w, s in zip(kernels, shardings)):
+        return False
+    own = shardings[0].device_set
+    return all(d.platform == "cpu" for d in own) and all(
+        s.device_set == own and (len(own) == 1 or (s.is_fully_replicated
+                                                   and s.is_fully_addressable))
+        for s in shardings)
 
 
 def _on_cpu_devices(x) -> bool:

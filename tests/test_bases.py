@@ -115,19 +115,22 @@ def test_same_shaped_matrices_run_in_equal_chunks_of_one_program():
         np.testing.assert_allclose(a[i] @ b[i], (u[:, :3] * s[:3]) @ vt[:3], atol=1e-5)
 
 
-@pytest.mark.parametrize("spread", [False, True])
+@pytest.mark.parametrize("place", ["one device", "spread", "replicated"])
 @pytest.mark.parametrize("method", ["block_krylov", "randomized"])
 @pytest.mark.parametrize("stacked", [0, 1])
-def test_one_cpu_device_steps_give_the_bits_of_one_matrix_at_a_time(method, stacked, spread,
-                                                                    monkeypatch):
-    """Kernels on one CPU device: the multi-pass SVDs run straight from the kernels in
-    cache-sized steps (no group-wide copy): two matrices per call where the process has one CPU
-    device (an odd count pads the last step), or one per call round-robin over all of them
-    (``spread``; these tests run with 8). Every matrix must get exactly the bases it gets alone
-    (as in the per-matrix loop of CPU meshes), in its kernel's own shape, on its own device."""
+def test_cpu_steps_give_the_bits_of_one_matrix_at_a_time(method, stacked, place, monkeypatch):
+    """Kernels on one CPU device, or replicated over a CPU mesh: the multi-pass SVDs run
+    straight from the kernels in cache-sized steps (no group-wide copy): two matrices per call
+    where the process has one CPU device (an odd count pads the last step), or one per call
+    round-robin over all of them (these tests run with 8), from each device's own copy where the
+    kernel is replicated. Every matrix must get exactly the bases it gets alone (as in the
+    per-matrix loop of CPU meshes), in its kernel's own shape, on the first device."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
     from loraxs_jax import bases, svd
 
     home = jax.devices()[0]
+    spread = place != "one device"
     if not spread:
         monkeypatch.setattr(bases, "_step_devices", lambda home: [home])
     ran_on = []
@@ -140,7 +143,16 @@ def test_one_cpu_device_steps_give_the_bits_of_one_matrix_at_a_time(method, stac
     cfg = lx.LoraXSConfig(rank=4, targets=("kernel$",), stacked_axes=stacked, svd_method=method,
                           krylov_iters=2, power_iters=3)
     targets = bases.find_targets(p, cfg)
+    if place == "replicated":
+        mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        p = jax.device_put(p, NamedSharding(mesh, PartitionSpec()))
+        put = jax.device_put
+        monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: pytest.fail(
+            "a replicated kernel's matrix was copied to another device")
+            if a and isinstance(a[0], jax.Device) and getattr(x, "shape", ())[-2:] == shape[-2:]
+            else put(x, *a, **k))
     got = bases.compute_bases(p, cfg)
+    monkeypatch.undo()
     count = 3 * (5 if stacked else 1)
     cpus = jax.local_devices(backend="cpu")
     if spread:
