@@ -321,22 +321,23 @@ def _compute_bases(flat: Mapping, cfg: LoraXSConfig, targets: list[Target]
 def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array, rank: int,
                     cfg: LoraXSConfig) -> dict[str, tuple[jax.Array, jax.Array]]:
     """The CPU path of the SVDs that pass over W many times (randomized, block Krylov), for
-    kernels on one CPU device or whole on every device of a CPU mesh (replicated): one compiled
-    program (``_step_jit``) per call, dispatched from a Python loop straight from the kernels.
-    Each step's matrices stay in the CPU's cache across all their passes, where one batch of the
-    whole group streams from memory on every pass, and no batch of the group is ever copied
-    together. On SmolLM2 (210 matrices, r = 32) block Krylov took 1.3 s so against 2.0 s as
-    batches. A kernel that is one plain matrix goes in as it is.
+    kernels on one CPU device or whole on every device of a CPU mesh (replicated): a few
+    matrices per call of one compiled program, dispatched from a Python loop straight from the
+    kernels. Each call's matrices stay in the CPU's cache across all their passes, where one
+    batch of the whole group streams from memory on every pass, and no batch of the group is
+    ever copied together. On SmolLM2 (210 matrices, r = 32) block Krylov took 1.3 s so against
+    2.0 s as batches. A kernel that is one plain matrix goes in as it is.
 
-    With one CPU device in the process, each call takes ``CPU_STEP`` matrices. With several
-    (``runtime.host_devices``, or XLA's ``--xla_force_host_platform_device_count``) the steps go
-    round-robin over all of them, one matrix each: one device runs one program at a time, several
-    run theirs side by side (on 2 cores SmolLM2's block-Krylov bases took 0.61 s over 2 devices
-    and 0.78 s on one; over 8 virtual devices 0.69 s, and 0.80 s over only 2 of those 8). A
-    device without its own copy of the kernel gets the matrix copied, and A, B come back to the
-    first device; every device runs the same program, so the bits are the same wherever a
-    matrix runs. On a replicated CPU mesh this took 0.6 s where the mesh path (a per-device loop
-    in one program) took 1.4 s."""
+    With one CPU device in the process, each call of ``_step_jit`` takes ``CPU_STEP`` matrices.
+    With several (``runtime.host_devices``, or XLA's ``--xla_force_host_platform_device_count``)
+    each call is one program over all of them (``_spread_program``) that gives every device a
+    matrix of its own: one device runs one program at a time, a program over several runs on all
+    of them side by side, and it compiles once (a program per device compiled 32 times over 8
+    devices: 26 s). On 2 cores SmolLM2's block-Krylov bases took 0.6 s over 2 devices against
+    0.78 s on one; a replicated 2-device mesh 0.6 s against 1.4 s on the mesh path (a per-device
+    loop in one program). A device without its own copy of the kernel gets the matrix copied,
+    A and B come back to the first device, and every device runs the same per-matrix program,
+    so the bits are the same wherever a matrix runs."""
     own = kernels[0].sharding.device_set
     if len(own) == 1:
         home = next(iter(own))
@@ -344,7 +345,7 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
     else:
         devices = sorted(own, key=lambda d: d.id)
         home = devices[0]
-    per = CPU_STEP if len(devices) == 1 else 1
+    per = CPU_STEP if len(devices) == 1 else len(devices)
     copies = [{s.device: s.data for s in w.addressable_shards} for w in kernels]
     plain, index = [], []                 # each matrix: (kernel, index in its stack)
     for k, (t, w) in enumerate(zip(ts, kernels)):
@@ -352,41 +353,83 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
         plain.append(w.ndim == 2 and tuple(g.stack + g.inputs + g.outputs) == (0, 1))
         index.extend((k, i) for i in range(t.count))
     stacks: dict[tuple, jax.Array] = {}
+    # one program's shards share a dtype: kernels of several in one group meet in float32
+    mixed = jnp.float32 if len({w.dtype for w in kernels}) > 1 else None
 
     def matrix(k: int, i: int, device: jax.Device) -> jax.Array:
+        """Matrix i of kernel k on ``device``: (m, n) on one device, (1, m, n) over several
+        (the shards of one program's input)."""
         where = device if device in copies[k] else home
+        one = len(devices) == 1
         if plain[k]:
-            m = copies[k][where]
+            m = copies[k][where] if one else copies[k][where][None]
         else:
             if (k, where) not in stacks:
                 stacks[(k, where)] = ts[k].geometry.matrices(copies[k][where])
-            m = stacks[(k, where)][i]
+            m = stacks[(k, where)][i] if one else stacks[(k, where)][i:i + 1]
+        if one:
+            return m
+        m = m if mixed is None else m.astype(mixed)
         return m if where == device else jax.device_put(m, device)
 
     got = len(index)
     index += [index[-1]] * (-got % per)
     keys = jnp.concatenate([keys] + [keys[-1:]] * (len(index) - got)) if len(index) > got else keys
-    a_list, b_list, keys_on = [], [], {home: keys}
-    for step, lo in enumerate(range(0, len(index), per)):
-        device = devices[step % len(devices)]
-        chunk = tuple(matrix(k, i, device) for k, i in index[lo:lo + per])
-        if device not in keys_on:
-            keys_on[device] = jax.device_put(keys, device)
-        a, b = _step_jit(chunk, keys_on[device], np.int32(lo), rank, cfg)
-        a_list.extend(a)
-        b_list.extend(b)
-    if len(devices) > 1:      # only once every step is dispatched: a copy waits for its value
-        a_list, b_list = jax.device_put((a_list, b_list), home)
+    if len(devices) == 1:
+        a_list, b_list = [], []
+        for lo in range(0, len(index), per):
+            chunk = tuple(matrix(k, i, home) for k, i in index[lo:lo + per])
+            a, b = _step_jit(chunk, keys, np.int32(lo), rank, cfg)
+            a_list.extend(a)
+            b_list.extend(b)
+
+        def rows(i, n):
+            return jnp.stack(a_list[i:i + n]), jnp.stack(b_list[i:i + n])
+    else:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("matrices",))
+        split = NamedSharding(mesh, PartitionSpec("matrices"))
+        program = _spread_program(rank, cfg, mesh)
+        keys_everywhere = jax.device_put(keys, NamedSharding(mesh, PartitionSpec()))
+        m, n = ts[0].m, ts[0].n
+        a_parts, b_parts = [], []
+        for lo in range(0, len(index), per):
+            x = jax.make_array_from_single_device_arrays(
+                (per, m, n), split, [matrix(k, i, d) for (k, i), d in zip(index[lo:lo + per],
+                                                                          devices)])
+            a, b = program(x, keys_everywhere, np.int32(lo))
+            a_parts.append(a)
+            b_parts.append(b)
+        # only once every call is dispatched: a copy waits for its value
+        a_parts, b_parts = jax.device_put((a_parts, b_parts), home)
+        a_all, b_all = jnp.concatenate(a_parts), jnp.concatenate(b_parts)
+
+        def rows(i, n):
+            return a_all[i:i + n], b_all[i:i + n]
     out, i = {}, 0
     for t, is_plain in zip(ts, plain):
+        a, b = rows(i, t.count)
         if is_plain:
-            out[t.name] = (a_list[i], b_list[i])
+            out[t.name] = (a[0], b[0])
         else:
-            a = jnp.stack(a_list[i:i + t.count]).reshape(t.stack + t.in_dims + (rank,))
-            b = jnp.stack(b_list[i:i + t.count]).reshape(t.stack + (rank,) + t.out_dims)
-            out[t.name] = (a, b)
+            out[t.name] = (a.reshape(t.stack + t.in_dims + (rank,)),
+                           b.reshape(t.stack + (rank,) + t.out_dims))
         i += t.count
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _spread_program(rank: int, cfg: LoraXSConfig, mesh: jax.sharding.Mesh):
+    """``(matrices, keys, lo) -> (A, B)``: one program over the devices of ``mesh``, each
+    decomposing its own one matrix (of a (devices, m, n) batch split over them) with
+    keys[lo + its index], as ``_step_jit`` decomposes each of its matrices."""
+    def body(w, keys, lo):
+        i = lo + jax.lax.axis_index("matrices")
+        return _bases_for_matrices(w.astype(jnp.float32), jax.lax.dynamic_slice_in_dim(keys, i, 1),
+                                   rank, cfg, one_at_a_time=True)
+
+    split, everywhere = PartitionSpec("matrices"), PartitionSpec()
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(split, everywhere, everywhere),
+                                 out_specs=(split, split)))
 
 
 def _step_devices(home: jax.Device) -> list[jax.Device]:

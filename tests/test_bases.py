@@ -121,10 +121,11 @@ def test_same_shaped_matrices_run_in_equal_chunks_of_one_program():
 def test_cpu_steps_give_the_bits_of_one_matrix_at_a_time(method, stacked, place, monkeypatch):
     """Kernels on one CPU device, or replicated over a CPU mesh: the multi-pass SVDs run
     straight from the kernels in cache-sized steps (no group-wide copy): two matrices per call
-    where the process has one CPU device (an odd count pads the last step), or one per call
-    round-robin over all of them (these tests run with 8), from each device's own copy where the
-    kernel is replicated. Every matrix must get exactly the bases it gets alone (as in the
-    per-matrix loop of CPU meshes), in its kernel's own shape, on the first device."""
+    where the process has one CPU device (an odd count pads the last step), or one program per
+    call over all of them (these tests run with 8) that gives each device its own matrix, from
+    its own copy where the kernel is replicated. Every matrix must get exactly the bases it gets
+    alone (as in the per-matrix loop of CPU meshes), in its kernel's own shape, on the first
+    device."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from loraxs_jax import bases, svd
@@ -133,10 +134,12 @@ def test_cpu_steps_give_the_bits_of_one_matrix_at_a_time(method, stacked, place,
     spread = place != "one device"
     if not spread:
         monkeypatch.setattr(bases, "_step_devices", lambda home: [home])
-    ran_on = []
-    step = bases._step_jit
+    ran_on, spread_on = [], []
+    step, spread_program = bases._step_jit, bases._spread_program
     monkeypatch.setattr(bases, "_step_jit", lambda mats, *a: ran_on.append(
         next(iter(mats[0].devices()))) or step(mats, *a))
+    monkeypatch.setattr(bases, "_spread_program", lambda *a: lambda x, *b: spread_on.append(
+        x.sharding.device_set) or spread_program(*a)(x, *b))
     rng = np.random.default_rng(12)
     shape = (5, 40, 30) if stacked else (40, 30)
     p = {k: {"kernel": jnp.asarray(rng.normal(size=shape), jnp.float32)} for k in "abc"}
@@ -156,8 +159,10 @@ def test_cpu_steps_give_the_bits_of_one_matrix_at_a_time(method, stacked, place,
     count = 3 * (5 if stacked else 1)
     cpus = jax.local_devices(backend="cpu")
     if spread:
-        assert len(ran_on) == count and set(ran_on) == set(cpus[:count])
+        assert not ran_on and len(spread_on) == -(-count // len(cpus))
+        assert all(on == set(cpus) for on in spread_on)
     else:
+        assert not spread_on
         assert len(ran_on) == -(-count // bases.CPU_STEP) and set(ran_on) == {home}
     base_key = jax.random.key(cfg.bases_seed)
     for t in targets:
