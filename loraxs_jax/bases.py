@@ -325,8 +325,9 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
     matrices per call of one compiled program, dispatched from a Python loop straight from the
     kernels. Each call's matrices stay in the CPU's cache across all their passes, where one
     batch of the whole group streams from memory on every pass, and no batch of the group is
-    ever copied together. On SmolLM2 (210 matrices, r = 32) block Krylov took 1.3 s so against
-    2.0 s as batches. A kernel that is one plain matrix goes in as it is.
+    ever copied together. On SmolLM2 (210 matrices, r = 32) block Krylov took 1.3 s against 2.0 s
+    as batches (both before ``lapack_one_thread``, with which it takes 0.78 s). A kernel that
+    is one plain matrix goes in as it is.
 
     With one CPU device in the process, each call of ``_step_jit`` takes ``CPU_STEP`` matrices.
     With several (``runtime.host_devices``, or XLA's ``--xla_force_host_platform_device_count``)
@@ -557,7 +558,8 @@ _bases_jit = jax.jit(_bases_for_matrices, static_argnums=(2, 3, 4))
 
 
 # Matrices per call of ``_step_jit`` on one CPU device: two 576×1536 matrices (7 MB) stay in
-# a 32 MB L3 across their passes; four ran 10% slower, one 30% slower (dispatch and threading).
+# a 32 MB L3 across their passes; with LAPACK on one thread, one per call ran 14% slower on
+# SmolLM2 and four the same (before it, four 10% and one 30% slower).
 CPU_STEP = 2
 
 
