@@ -331,7 +331,7 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
 
     With one CPU device in the process, each call of ``_step_jit`` takes ``CPU_STEP`` matrices.
     With several (``runtime.host_devices``, or XLA's ``--xla_force_host_platform_device_count``)
-    each call is one program over all of them (``_spread_program``) that gives every device a
+    each call is one program over all of them (``spread_program``) that gives every device a
     matrix of its own: one device runs one program at a time, a program over several runs on all
     of them side by side, and it compiles once (a program per device compiled 32 times over 8
     devices: 26 s). On 2 cores SmolLM2's block-Krylov bases took 0.6 s over 2 devices against
@@ -342,7 +342,7 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
     own = kernels[0].sharding.device_set
     if len(own) == 1:
         home = next(iter(own))
-        devices = _step_devices(home)
+        devices = step_devices(home)
     else:
         devices = sorted(own, key=lambda d: d.id)
         home = devices[0]
@@ -389,7 +389,7 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
     else:
         mesh = jax.sharding.Mesh(np.asarray(devices), ("matrices",))
         split = NamedSharding(mesh, PartitionSpec("matrices"))
-        program = _spread_program(rank, cfg, mesh)
+        program = spread_program(rank, cfg, mesh)
         keys_everywhere = jax.device_put(keys, NamedSharding(mesh, PartitionSpec()))
         m, n = ts[0].m, ts[0].n
         a_parts, b_parts = [], []
@@ -419,7 +419,7 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
 
 
 @functools.lru_cache(maxsize=64)
-def _spread_program(rank: int, cfg: LoraXSConfig, mesh: jax.sharding.Mesh):
+def spread_program(rank: int, cfg: LoraXSConfig, mesh: jax.sharding.Mesh):
     """``(matrices, keys, lo) -> (A, B)``: one program over the devices of ``mesh``, each
     decomposing its own one matrix (of a (devices, m, n) batch split over them) with
     keys[lo + its index], as ``_step_jit`` decomposes each of its matrices."""
@@ -433,9 +433,9 @@ def _spread_program(rank: int, cfg: LoraXSConfig, mesh: jax.sharding.Mesh):
                                  out_specs=(split, split)))
 
 
-def _step_devices(home: jax.Device) -> list[jax.Device]:
-    """The CPU devices ``_bases_in_steps`` spreads its steps over: the kernels' own first, then
-    every other CPU device of this process."""
+def step_devices(home: jax.Device) -> list[jax.Device]:
+    """The CPU devices ``compute_bases`` spreads the multi-pass SVDs of kernels on ``home``
+    over: ``home`` first, then every other CPU device of this process."""
     return [home] + [d for d in jax.local_devices(backend="cpu") if d != home]
 
 
