@@ -251,8 +251,9 @@ def lapack_one_thread(active: bool = True):
     (scipy's OpenBLAS) runs each call on one thread. Its default, one thread per core, makes
     every small call (the (K, K) eigh, Cholesky and QR of each block-Krylov matrix) wake and
     synchronise threads that compete with XLA's own pool: on 2 cores SmolLM2's block-Krylov
-    bases took 1.1 s with it and 0.79 s without; a batch of 8 exact 576×576 SVDs 0.26 s against
-    0.14 s. (One lone large SVD loses ~20% of its time; ``compute_bases`` runs batches.)
+    bases took 1.39 s with that default and 0.78 s on one thread, a batch of 8 exact 576×576
+    SVDs 0.26 s and 0.14 s. (One lone large SVD loses ~20% of its time on one thread;
+    ``compute_bases`` runs batches.)
     threadpoolctl only reaches libraries already loaded, so scipy's LAPACK, which jaxlib loads
     at its first call, is loaded first."""
     if not active:
