@@ -192,6 +192,43 @@ def whole_model(params: Mapping, cfg: loraxs_jax.LoraXSConfig, exact: bool = Tru
     return out
 
 
+# A fresh process with N host devices (``runtime.host_devices``, as train.py sets it up) times
+# SmolLM2's block-Krylov bases there: compute_bases then gives every device a matrix of its own
+_ON_HOST_DEVICES = """
+import json, sys
+from loraxs_jax.experiments.runtime import configure
+configure({"host_devices": int(sys.argv[1])})
+import jax, loraxs_jax
+from benchmarks import common
+from loraxs_jax.bases import compute_bases
+from loraxs_jax.experiments.assets import asset_path
+from loraxs_jax.models.gguf import load_gguf
+_, p, _ = load_gguf(next(asset_path("smollm2").glob("*.gguf")))
+cfg = loraxs_jax.LoraXSConfig(rank=32, alpha=64.0, targets=common.DECODER_TARGETS,
+                              svd_method="block_krylov")
+_, first = common.timed(lambda: compute_bases(p, cfg))
+times = common.interleaved({"x": lambda: compute_bases(p, cfg)}, int(sys.argv[2]), warmup=0)["x"]
+print(json.dumps({"devices": jax.device_count(), "first_call_s": first, "times_s": times,
+                  "warm_s": common.median(times)}))
+"""
+
+
+def on_host_devices(devices: int, sklearn_warm_s: float, reps: int = REPS) -> dict:
+    """SmolLM2's block-Krylov init in a child process with ``devices`` host devices, against the
+    sklearn loop's warm time measured in this run (not interleaved: another process)."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _ON_HOST_DEVICES, str(devices), str(reps)],
+                         capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**got, "sklearn_warm_s": sklearn_warm_s,
+            "sklearn_over_this": sklearn_warm_s / got["warm_s"]}
+
+
 def per_shape(params: Mapping, cfg: loraxs_jax.LoraXSConfig) -> dict:
     """compare_shape on the first target matrix of each distinct shape (real weights)."""
     shapes: dict[str, tuple[np.ndarray, int, str]] = {}
@@ -284,6 +321,12 @@ def measure(smoke: bool, exact_7b: bool) -> dict:
         wm = results["models"][name]["whole_model"]
         print(f"[svd_init] {name}: " + ", ".join(
             f"{m} {wm[m]['warm_s']:.2f} s" for m in METHODS if m in wm), flush=True)
+        if "SmolLM2" in name:
+            results["host_devices"] = {"model": name, **on_host_devices(
+                2, wm["sklearn"]["warm_s"])}
+            hd = results["host_devices"]
+            print(f"[svd_init] {name} over {hd['devices']} host devices: block_krylov "
+                  f"{hd['warm_s']:.2f} s", flush=True)
     if smoke:
         results["mistral_7b_layer"] = mistral_layer(
             4, True, {"tiny stand-in (64×64)": ((64, 64), 7)})
@@ -309,6 +352,12 @@ def speedups(r: dict) -> list[str]:
             f"{k} {wm[k]['sklearn_over_this']['warm_s']:.1f}× (first call "
             f"{wm[k]['sklearn_over_this']['first_call_s']:.1f}×; error ratio max "
             f"{wm[k]['error_ratio_max']:.5f})" for k in OURS if k in wm))
+    if "host_devices" in r:
+        hd = r["host_devices"]
+        lines.append(f"{hd['model']} over {hd['devices']} host devices (a child process, as "
+                     f"train.py's runtime.host_devices sets it up): block_krylov "
+                     f"{hd['sklearn_over_this']:.1f}× ({hd['warm_s']:.2f} s warm, first call "
+                     f"{hd['first_call_s']:.1f} s)")
     ml = r["mistral_7b_layer"]
     lines.append(f"Mistral-7B layer shapes (synthetic), r={ml['rank']}: " + ", ".join(
         f"{k} {ml['sklearn_over_this'][k]:.1f}× (error ratio max {ml['error_ratio_max'][k]:.5f})"
