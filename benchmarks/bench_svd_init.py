@@ -223,7 +223,8 @@ def on_host_devices(devices: int, sklearn_warm_s: float, reps: int = REPS) -> di
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", _ON_HOST_DEVICES, str(devices), str(reps)],
                          capture_output=True, text=True, check=True, cwd=root,
-                         env={**os.environ, "PYTHONPATH": root})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [root] + [p for p in [os.environ.get("PYTHONPATH")] if p])})
     got = json.loads(out.stdout.strip().splitlines()[-1])
     return {**got, "sklearn_warm_s": sklearn_warm_s,
             "sklearn_over_this": sklearn_warm_s / got["warm_s"]}

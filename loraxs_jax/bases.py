@@ -178,8 +178,8 @@ def _bases_for_matrices(w: jax.Array, keys: jax.Array, rank: int, cfg: LoraXSCon
     when several CPU devices run such a call at once and the pool has no thread left (2 devices
     on a 2-core host), every thread waits on work that none is free to run, and the program
     hangs for ever. A single matrix runs inline, so the loop is what CPU meshes use. It is also
-    what ``_step_jit`` runs per matrix on one CPU device, which keeps the bases of a kernel
-    bit-identical wherever it is placed."""
+    what ``_step_jit`` and ``spread_program`` run per matrix on CPU devices, which keeps the
+    bases of a kernel bit-identical wherever it is placed."""
     b, m, n = w.shape
     if cfg.init == "random":
         ka, kb = jax.vmap(lambda k: jax.random.split(k))(keys).swapaxes(0, 1)
@@ -347,7 +347,8 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
     else:
         devices = sorted(own, key=lambda d: d.id)
         home = devices[0]
-    per = CPU_STEP if len(devices) == 1 else len(devices)
+    one = len(devices) == 1
+    per = CPU_STEP if one else len(devices)
     copies = [{s.device: s.data for s in w.addressable_shards} for w in kernels]
     plain, index = [], []                 # each matrix: (kernel, index in its stack)
     for k, (t, w) in enumerate(zip(ts, kernels)):
@@ -362,7 +363,6 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
         """Matrix i of kernel k on ``device``: (m, n) on one device, (1, m, n) over several
         (the shards of one program's input)."""
         where = device if device in copies[k] else home
-        one = len(devices) == 1
         if plain[k]:
             m = copies[k][where] if one else copies[k][where][None]
         else:
@@ -377,7 +377,7 @@ def _bases_in_steps(ts: list[Target], kernels: list[jax.Array], keys: jax.Array,
     got = len(index)
     index += [index[-1]] * (-got % per)
     keys = jnp.concatenate([keys] + [keys[-1:]] * (len(index) - got)) if len(index) > got else keys
-    if len(devices) == 1:
+    if one:
         a_list, b_list = [], []
         for lo in range(0, len(index), per):
             chunk = tuple(matrix(k, i, home) for k, i in index[lo:lo + per])

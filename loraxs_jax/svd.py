@@ -86,7 +86,7 @@ def randomized_svd(w: jax.Array, rank: int, key: jax.Array, oversample: int = 10
     return u, s, vt
 
 
-# Size of the random block added to each new Krylov block before its Gram–Schmidt passes,
+# Size of the random block added to each new Krylov block between its Gram–Schmidt passes,
 # relative to σ₁² (the largest column of the first block (WᵀW)P₀). A block the space already
 # holds (W of rank below K) would otherwise leave only rounding noise inside that space, which
 # QR turns into unit vectors that are not orthogonal to it; with the noise they become fresh
